@@ -1,0 +1,370 @@
+"""The HTTP front end: FastAPI app factory and routes, HTTP <-> queue operations and status codes.
+
+Nothing else lives here: queue semantics are in `queues.py`/`watch.py`, the sync path's waiting
+in `sync.py`, auth in `auth.py`, encodings in `wire.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.exceptions
+from fastapi import APIRouter, FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from queue_service import keys
+from queue_service.auth import check_authorization
+from queue_service.config import ServiceConfig, ServicesFile, Settings
+from queue_service.errors import ApiError, error_response
+from queue_service.keys import QueueName
+from queue_service.params import MAX_LENGTH, MAX_WINDOW, Params
+from queue_service.queues import QueueFull, Queues, queue_keys
+from queue_service.request_log import REQUEST_ID_HEADER, RequestLog
+from queue_service.sync import SyncCaller
+from queue_service.watch import Watcher, WatchRequest
+from queue_service.wire import (
+    PROTOBUF_MEDIA_TYPE,
+    encode_attributes,
+    encode_frame,
+    encode_frame_list,
+    frames_to_json,
+    wants_protobuf,
+)
+
+log = logging.getLogger("queue_service.api")
+
+UID_HEADER = "X-EAS-QueueService-Redis-Uid"
+GID_HEADER = "X-EAS-QueueService-Redis-Gid"
+DEFAULT_GROUP = "eas"
+QUEUE_FULL = 450
+
+
+class App:
+    """What the routes share: settings, services, the Redis client and the queue operations."""
+
+    def __init__(self, settings: Settings, services: ServicesFile, redis: Redis) -> None:
+        self.settings = settings
+        self.services = services
+        self.redis = redis
+        self.queues = Queues(redis)
+        self.sync = SyncCaller(redis, self.queues)
+
+    def service(self, name: str) -> ServiceConfig:
+        try:
+            return self.services.by_name[name]
+        except KeyError:
+            raise ApiError(404, f"service {name!r} not found") from None
+
+    def authorize(self, request: Request | WebSocket, service: ServiceConfig, body: bytes = b"") -> None:
+        problem = check_authorization(
+            service.token,
+            request.headers,
+            method=request.scope.get("method", "GET"),
+            path=request.url.path,
+            body=body,
+            max_skew_seconds=self.settings.max_clock_skew_seconds,
+        )
+        if problem:
+            raise ApiError(401, problem)
+
+
+def state(request: Request | WebSocket) -> App:
+    return request.app.state.qs
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"body of {declared} bytes is over this service's limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"body is over this service's limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# --- queue routes -------------------------------------------------------------------------
+
+
+async def put(request: Request, service_name: str, queue: QueueName) -> Response:
+    app = state(request)
+    service = app.service(service_name)
+    body = await read_body(request, service.max_payload_bytes)
+    app.authorize(request, service, body)
+    params = Params(request.query_params, allowed={"_priority_"})
+    try:
+        result = await app.queues.put(service, queue, body, params.tags(), priority=params.flag("_priority_"))
+    except QueueFull as exc:
+        raise ApiError(QUEUE_FULL, str(exc)) from None
+    request.state.request_id = result.request_id
+    return PlainTextResponse(str(result.index), headers={REQUEST_ID_HEADER: result.request_id})
+
+
+async def get(request: Request, service_name: str, queue: QueueName) -> Response:
+    app = state(request)
+    service = app.service(service_name)
+    app.authorize(request, service)
+    params = Params(request.query_params)
+    if params.flag("_attrs_"):
+        attrs = await app.queues.attributes(service, queue)
+        if wants_protobuf(request.headers.get("accept")):
+            return Response(encode_attributes(attrs), media_type=PROTOBUF_MEDIA_TYPE)
+        return JSONResponse(attrs)
+    if params.flag("_search_"):
+        index = params.integer("_index_", 0, minimum=1)
+        position = await app.queues.search(service.name, queue, index)
+        if position is None:
+            raise ApiError(404, "no data in stream")
+        return JSONResponse(
+            {
+                "ConsumerId": position.consumer_id,
+                "IsPending": position.is_pending,
+                "WaitCount": position.wait_count,
+            }
+        )
+    raw = params.flag("_raw_")
+    frames = await app.queues.read(
+        service.name,
+        queue,
+        start=params.integer("_index_", 0),
+        length=1 if raw else params.integer("_length_", 1, minimum=1, maximum=MAX_LENGTH),
+        request_id=request.query_params.get("requestId", ""),
+        delete=params.flag("_auto_delete_"),
+        tags=params.tags(),
+        timeout=params.duration("_timeout_", 0.0),
+    )
+    if not frames:
+        return Response(status_code=204)
+    if raw:
+        frame = frames[0]
+        headers = {
+            REQUEST_ID_HEADER: frame.tags.get("requestId", ""),
+            "X-Eas-Queueservice-Index": str(frame.index),
+        }
+        if "lastCode" in frame.tags:
+            headers["X-Eas-Queueservice-Last-Code"] = frame.tags["lastCode"]
+        return Response(frame.data, media_type="application/octet-stream", headers=headers)
+    if wants_protobuf(request.headers.get("accept")):
+        return Response(encode_frame_list(frames), media_type=PROTOBUF_MEDIA_TYPE)
+    return JSONResponse(frames_to_json(frames))
+
+
+async def delete(request: Request, service_name: str, queue: QueueName) -> Response:
+    app = state(request)
+    service = app.service(service_name)
+    app.authorize(request, service)
+    params = Params(request.query_params, allowed={"_indexes_", "_index_", "_trunc_"})
+    if params.flag("_trunc_"):
+        await app.queues.truncate(service.name, queue, params.integer("_index_", 0, minimum=1))
+    else:
+        await app.queues.remove(service.name, queue, params.indexes())
+    return PlainTextResponse("OK")
+
+
+async def commit(request: Request, service_name: str, queue: QueueName) -> Response:
+    app = state(request)
+    service = app.service(service_name)
+    app.authorize(request, service)
+    params = Params(request.query_params, allowed={"_indexes_"})
+    await app.queues.remove(service.name, queue, params.indexes())
+    return PlainTextResponse("OK")
+
+
+async def sync_predict(request: Request, service_name: str) -> Response:
+    app = state(request)
+    service = app.service(service_name)
+    body = await read_body(request, service.max_payload_bytes)
+    app.authorize(request, service, body)
+    Params(request.query_params, allowed=())
+    return await app.sync.call(request, service, body)
+
+
+async def watch(websocket: WebSocket, service_name: str, queue: QueueName) -> None:
+    app = state(websocket)
+    try:
+        service = app.service(service_name)
+        app.authorize(websocket, service)
+        params = Params(websocket.query_params)
+        if not params.flag("_watch_"):
+            raise ApiError(400, "a WebSocket on a queue path needs _watch_=true")
+        req = WatchRequest(
+            queue=queue_keys(service.name, queue),
+            group=websocket.headers.get(GID_HEADER) or DEFAULT_GROUP,
+            consumer=websocket.headers.get(UID_HEADER) or str(uuid.uuid4()),
+            window=params.integer("_window_", 1, minimum=1, maximum=MAX_WINDOW),
+            start_index=params.integer("_index_", 0),
+            auto_commit=params.flag("_auto_commit_"),
+            index_only=params.flag("_index_only_"),
+            tags=params.tags(),
+        )
+    except ApiError as exc:
+        # Refuse the handshake: the client sees the HTTP status and the JSON reason.
+        await websocket.send_denial_response(error_response(exc.status, exc.detail))
+        return
+    await websocket.accept()
+    watcher = Watcher(app.redis, app.queues.scripts, req)
+
+    async def send_frames() -> None:
+        async for frame in watcher.frames():
+            await websocket.send_bytes(encode_frame(frame))
+            await watcher.sent(frame)
+
+    async def until_disconnect() -> None:
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+
+    sender, receiver = asyncio.create_task(send_frames()), asyncio.create_task(until_disconnect())
+    try:
+        done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is sender and not task.cancelled() and task.exception():
+                log.warning("watch of %s/%s ended: %r", service.name, queue, task.exception())
+    finally:
+        for task in (sender, receiver):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.shield(watcher.release())
+        with contextlib.suppress(Exception):
+            await websocket.close()
+
+
+def queue_routes() -> APIRouter:
+    router = APIRouter()
+    for suffix, queue in (("", "input"), ("/sink", "sink")):
+        path = "/api/predict/{service_name}" + suffix
+
+        def bind(handler, queue: QueueName = queue):  # type: ignore[no-untyped-def]
+            async def route(request: Request, service_name: str) -> Response:
+                return await handler(request, service_name, queue)
+
+            route.__name__ = f"{handler.__name__}_{queue}"
+            return route
+
+        router.add_api_route(path, bind(put), methods=["POST"], include_in_schema=True)
+        router.add_api_route(path, bind(get), methods=["GET"])
+        router.add_api_route(path, bind(delete), methods=["DELETE"])
+        router.add_api_route(path, bind(commit), methods=["PUT"])
+
+        async def ws_route(websocket: WebSocket, service_name: str, queue: QueueName = queue) -> None:
+            await watch(websocket, service_name, queue)
+
+        router.add_api_websocket_route(path, ws_route)
+    router.add_api_route("/api/predict/{service_name}/sync", sync_predict, methods=["POST"])
+    return router
+
+
+# --- health -------------------------------------------------------------------------------
+
+
+async def healthz() -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> JSONResponse:
+    app = state(request)
+    try:
+        await app.redis.ping()
+        without = [s.name for s in app.services.services if await app.queues.live_workers(s.name) == 0]
+    except redis.exceptions.RedisError as exc:
+        return JSONResponse({"status": "unavailable", "redis": f"unreachable: {exc}"}, status_code=503)
+    return JSONResponse({"status": "ready", "redis": "ok", "services_without_workers": without})
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+async def on_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.detail, exc.headers)
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        detail = f"no such path: {request.url.path}"
+    elif exc.status_code == 405:
+        detail = f"method {request.method} is not allowed on {request.url.path}"
+    else:
+        detail = str(exc.detail)
+    return error_response(exc.status_code, detail, exc.headers)
+
+
+async def on_validation_error(request: Request, exc: Exception) -> Response:
+    return error_response(400, f"malformed request: {exc}")
+
+
+async def on_redis_down(request: Request, exc: Exception) -> Response:
+    log.warning("redis unavailable: %s", exc)
+    return error_response(503, "queue storage (Redis) is unreachable; retry later", {"Retry-After": "1"})
+
+
+async def on_internal_error(request: Request, exc: Exception) -> Response:
+    request_id = getattr(request.state, "request_id", "")
+    log.exception("internal error in %s %s request_id=%s", request.method, request.url.path, request_id)
+    return error_response(500, f"internal error; request id {request_id} identifies it in the server log")
+
+
+# --- factory ------------------------------------------------------------------------------
+
+
+def connect(settings: Settings) -> Redis:
+    # Blocking pool: under a burst, callers wait for a connection instead of failing.
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=1024,
+        timeout=5,
+        socket_connect_timeout=2,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        retry_on_error=[redis.exceptions.ConnectionError],
+    )
+    return Redis(connection_pool=pool)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    services: ServicesFile | None = None,
+    redis_client: Redis | None = None,
+) -> FastAPI:
+    settings = settings or Settings()
+    services = services or settings.load_services()
+
+    @asynccontextmanager
+    async def lifespan(fastapi_app: FastAPI) -> AsyncIterator[None]:
+        client = redis_client or connect(settings)
+        fastapi_app.state.qs = App(settings, services, client)
+        try:
+            yield
+        finally:
+            if redis_client is None:
+                await client.aclose()
+
+    app = FastAPI(title="queue-service", lifespan=lifespan)
+    app.include_router(queue_routes())
+    app.add_api_route("/healthz", healthz, methods=["GET"])
+    app.add_api_route("/readyz", readyz, methods=["GET"])
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(redis.exceptions.ConnectionError, on_redis_down)
+    app.add_exception_handler(redis.exceptions.TimeoutError, on_redis_down)
+    app.add_exception_handler(Exception, on_internal_error)
+    app.add_middleware(RequestLog)
+    return app
+
+
+__all__ = ["create_app", "keys", "time"]

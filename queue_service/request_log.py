@@ -1,0 +1,60 @@
+"""RequestLog: every HTTP request gets a request id header and exactly one JSON log line.
+
+The line carries the final status code, 499 included (a sync request whose client left).
+Routes that create a queue item set `request.state.request_id` so the log and the header use
+the item's own id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+REQUEST_ID_HEADER = "X-Eas-Queueservice-Request-Id"
+log = logging.getLogger("queue_service.access")
+
+
+class RequestLog:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        state = scope.setdefault("state", {})
+        state.setdefault("request_id", str(uuid.uuid4()))
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                if REQUEST_ID_HEADER.lower() not in headers:
+                    headers[REQUEST_ID_HEADER] = state["request_id"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            # A route that saw its client leave records 499 (nothing could be sent).
+            status = state.get("final_status", status)
+            path = scope["path"]
+            service = path.split("/")[3] if path.startswith("/api/predict/") and path.count("/") >= 3 else ""
+            record = {
+                "request_id": state["request_id"],
+                "method": scope["method"],
+                "path": path,
+                "service": service,
+                "status": status,
+                "duration_ms": round((time.monotonic() - started) * 1000, 2),
+            }
+            record.update(state.get("log_extra", {}))
+            log.info(json.dumps(record))

@@ -1,0 +1,224 @@
+"""The product's real processes for integration tests: the API under uvicorn and rq workers.
+
+Each runs as a child with its stdout and stderr in a log file, so a failing test can show what the
+process said. The start functions return only once the process is ready, and stop it before raising.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+import redis
+import yaml
+from rq.worker import Worker
+from rq.worker_registration import REDIS_WORKER_KEYS
+
+from queue_service.embedded_redis import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+API_APP = "queue_service.api:create_app"
+WORKER_CLASS = "workers.worker.QueueWorker"
+STOP_GRACE_SECONDS = 5.0
+
+
+class ProcessStartError(RuntimeError):
+    """A process exited or was not ready in time; the message carries the tail of its log."""
+
+
+class ManagedProcess:
+    """A child process whose stdout and stderr go to `log_path`; stopped at exit if still running."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        name: str = "process",
+        env: Mapping[str, str] | None = None,
+        log_dir: str | Path | None = None,
+        cwd: str | Path = REPO_ROOT,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self._own_log_dir = log_dir is None
+        self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix=f"qs-{name}-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.log_dir / f"{name}.log"
+        # Unbuffered, so the log is complete up to the moment a test looks at it.
+        child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        with open(self.log_path, "ab") as log:
+            self._popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=child_env,
+                cwd=cwd,
+            )
+        # No orphans after a crashed test run: stop it (and drop a log dir we made) at interpreter exit.
+        atexit.register(self._at_exit)
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    def is_running(self) -> bool:
+        return self._popen.poll() is None
+
+    def terminate(self) -> None:
+        if self.is_running():
+            self._popen.terminate()
+
+    def kill(self) -> None:
+        if self.is_running():
+            self._popen.kill()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self._popen.wait(timeout)
+
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> int:
+        """SIGTERM, then SIGKILL if it has not exited after `grace` seconds; returns the exit code."""
+        self.terminate()
+        try:
+            return self.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.wait()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def _at_exit(self) -> None:
+        self.stop(grace=1)
+        if self._own_log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def __enter__(self) -> ManagedProcess:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running() else f"exited {self.returncode}"
+        return f"ManagedProcess({self.name!r}, pid={self.pid}, {state}, log={str(self.log_path)!r})"
+
+
+def wait_until_ready(process: ManagedProcess, ready: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `ready` until it is true; if the process exits or time runs out, stop it and raise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.is_running():
+            raise ProcessStartError(
+                f"{process.name} exited with code {process.returncode} before {what}; log tail:\n"
+                f"{process.log_tail()}"
+            )
+        if ready():
+            return
+        time.sleep(0.05)
+    process.stop()
+    raise ProcessStartError(
+        f"{process.name}: not {what} within {timeout:g} s; log tail:\n{process.log_tail()}"
+    )
+
+
+def _product_env(redis_url: str, services_file: str | Path, env: Mapping[str, str] | None) -> dict[str, str]:
+    return {"QS_REDIS_URL": redis_url, "QS_SERVICES": str(services_file), **(env or {})}
+
+
+def start_api(
+    redis_url: str,
+    services_file: str | Path,
+    *,
+    port: int | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 20,
+    app: str = API_APP,
+    log_dir: str | Path | None = None,
+) -> tuple[ManagedProcess, str]:
+    """Run the API under uvicorn on 127.0.0.1; return it and its base URL once /healthz answers 200."""
+    port = port or free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(port)]
+    process = ManagedProcess(
+        argv, name=f"api-{port}", env=_product_env(redis_url, services_file, env), log_dir=log_dir
+    )
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until_ready(process, healthy, timeout, "answering GET /healthz")
+    return process, base_url
+
+
+def start_worker(
+    redis_url: str,
+    services_file: str | Path,
+    services: Sequence[str] = (),
+    *,
+    name: str | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 20,
+    worker_class: str = WORKER_CLASS,
+    log_dir: str | Path | None = None,
+) -> ManagedProcess:
+    """Run `rq worker` for `services`; return it once it is registered in Redis under `name`."""
+    name = name or f"qs-test-worker-{uuid.uuid4().hex[:8]}"
+    argv = [
+        sys.executable, "-m", "rq.cli", "worker",
+        "-w", worker_class, "--url", redis_url, "--name", name, *services,
+    ]  # fmt: skip
+    process = ManagedProcess(
+        argv, name=name, env=_product_env(redis_url, services_file, env), log_dir=log_dir
+    )
+    # RQ's registry of live workers holds each worker's key, built from its name.
+    worker_key = Worker.redis_worker_namespace_prefix + name
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
+
+    def registered() -> bool:
+        try:
+            return bool(client.sismember(REDIS_WORKER_KEYS, worker_key))
+        except redis.RedisError:
+            return False
+
+    try:
+        wait_until_ready(process, registered, timeout, "registered in rq:workers")
+    finally:
+        client.close()
+    return process
+
+
+def write_services(path: str | Path, services: list[dict[str, Any]]) -> Path:
+    """Write a services file holding `services` and return its path."""
+    path = Path(path)
+    path.write_text(yaml.safe_dump({"services": services}, sort_keys=False))
+    return path

@@ -1,0 +1,106 @@
+"""Example processors to start from: Echo, Sleep, and LanguageId, a real small model on the CPU.
+
+Run one with e.g. `--processor workers.examples:LanguageId`. LanguageId needs the `examples`
+extra (`pip install 'queue-service[examples]'`); this module imports without it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+
+class Echo:
+    """Returns each request body unchanged."""
+
+    def initialize(self) -> None:
+        """Nothing to load."""
+
+    def process(self, data: bytes) -> bytes:
+        return data
+
+
+class Sleep:
+    """Sleeps for the seconds in the body ("1.5" or {"seconds": 1.5}), then returns {"slept": x}."""
+
+    EXPECTED = 'a non-negative finite number of seconds, as text ("1.5") or JSON {"seconds": 1.5}'
+
+    def initialize(self) -> None:
+        """Nothing to load."""
+
+    def process(self, data: bytes) -> dict[str, float]:
+        body = _read_body(data, self.EXPECTED)
+        seconds = _seconds(body.get("seconds") if isinstance(body, dict) else _float(body), data)
+        # time.sleep, not a busy loop: the worker's SIGALRM job timeout interrupts it.
+        time.sleep(seconds)
+        return {"slept": seconds}
+
+
+class LanguageId:
+    """Identifies the language of UTF-8 text (or {"text": ...}) with langid.py's bundled model."""
+
+    EXPECTED = 'non-empty UTF-8 text, or JSON {"text": "..."}'
+
+    def __init__(self) -> None:
+        self._identifier: Any = None
+
+    def initialize(self) -> None:
+        """Load the model (shipped inside the langid package: nothing is downloaded), once."""
+        if self._identifier is not None:
+            return
+        try:
+            from langid.langid import LanguageIdentifier, model
+        except ImportError as exc:
+            raise ImportError(
+                "LanguageId needs the langid package: pip install 'queue-service[examples]'"
+            ) from exc
+        # norm_probs=True makes the score a probability in 0..1 instead of a log-likelihood.
+        self._identifier = LanguageIdentifier.from_modelstring(model, norm_probs=True)
+
+    def process(self, data: bytes) -> dict[str, Any]:
+        body = _read_body(data, self.EXPECTED)
+        text = body.get("text") if isinstance(body, dict) else body
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"LanguageId expects {self.EXPECTED}; got {_preview(data)}")
+        self.initialize()
+        language, score = self._identifier.classify(text)
+        return {"language": language, "score": float(score)}
+
+
+def _read_body(data: bytes, expected: str) -> str | dict[str, Any]:
+    """The body as stripped text, or as a JSON object when it starts with '{'."""
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"expected {expected}; got bytes that are not UTF-8: {_preview(data)}") from None
+    if not text.startswith("{"):
+        return text
+    try:
+        # Text starting with '{' that parses can only be a JSON object.
+        body: dict[str, Any] = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"expected {expected}; got invalid JSON ({exc}): {_preview(data)}") from None
+    return body
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _seconds(value: object, data: bytes) -> float:
+    # bool is an int subclass, but {"seconds": true} is a mistake, not one second.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"Sleep expects {Sleep.EXPECTED}; got {_preview(data)}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"Sleep expects {Sleep.EXPECTED}; got {seconds}")
+    return seconds
+
+
+def _preview(data: bytes) -> str:
+    return repr(data[:80]) + ("..." if len(data) > 80 else "")

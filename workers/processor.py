@@ -1,0 +1,175 @@
+"""The Processor protocol, and loading one from `module:attr` into a LoadedProcessor.
+
+A processor is the user's code that a worker runs on each request body. It is loaded once per
+worker process: the model is loaded in `initialize()`, never per request.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import reprlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+OCTET_STREAM = "application/octet-stream"
+TEXT_PLAIN = "text/plain; charset=utf-8"
+APPLICATION_JSON = "application/json"
+
+
+class Processor(Protocol):
+    """What a user's processor class looks like (plain `process(data)` functions are accepted too)."""
+
+    def initialize(self) -> None: ...
+
+    def process(self, data: bytes) -> bytes | tuple[bytes, int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessResult:
+    """One processed request: the body for the sink (empty writes nothing), its status and type."""
+
+    body: bytes
+    status: int = 200
+    content_type: str = OCTET_STREAM
+
+
+class ProcessorLoadError(Exception):
+    """The import path does not name a usable processor; the worker cannot start."""
+
+
+class ProcessorResultError(Exception):
+    """The processor returned something that is not a result: a bug in the processor, not the request."""
+
+
+class LoadedProcessor:
+    """A processor as a worker uses it: initialized once, its results normalized to ProcessResult."""
+
+    __slots__ = ("_initialize", "_initialized", "_process", "path", "target")
+
+    def __init__(self, target: object, path: str) -> None:
+        self.target = target
+        self.path = path
+        method = getattr(target, "process", None)
+        if callable(method):
+            initialize = getattr(target, "initialize", None)
+            if initialize is not None and not callable(initialize):
+                raise ProcessorLoadError(f"processor {path!r}: `initialize` is not callable")
+            self._process: Callable[[bytes], object] = method
+            self._initialize: Callable[[], object] | None = initialize
+        elif callable(target):
+            self._process = target
+            self._initialize = None
+        else:
+            raise ProcessorLoadError(
+                f"processor {path!r} names a {type(target).__name__}, which is neither callable "
+                "nor has a `process` method"
+            )
+        self._initialized = False
+
+    def initialize(self) -> None:
+        """Run the processor's `initialize()` once; later calls do nothing."""
+        if self._initialized:
+            return
+        if self._initialize is not None:
+            self._initialize()
+        # Set only after success, so a failed load is retried rather than silently skipped.
+        self._initialized = True
+
+    def process(self, data: bytes) -> ProcessResult:
+        """Run the processor on one request body; its own exceptions propagate unchanged."""
+        # Initializing here too means no caller can run a processor whose model is not loaded.
+        self.initialize()
+        return normalize_result(self._process(data))
+
+
+def normalize_result(value: object) -> ProcessResult:
+    """Turn what a processor returned into a ProcessResult, or raise ProcessorResultError."""
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise ProcessorResultError(
+                f"processor returned a tuple of {len(value)} items {_show(value)}; expected (body, status)"
+            )
+        body, status = value
+        # bool is an int subclass, but `(body, True)` is a bug, not status 1.
+        if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+            raise ProcessorResultError(
+                f"processor returned status {_show(status)}; expected an int HTTP status in 100..599"
+            )
+        encoded, content_type = _encode(body)
+        return ProcessResult(encoded, status, content_type)
+    encoded, content_type = _encode(value)
+    return ProcessResult(encoded, 200, content_type)
+
+
+def _encode(value: object) -> tuple[bytes, str]:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value), OCTET_STREAM
+    if isinstance(value, str):
+        return value.encode(), TEXT_PLAIN
+    if isinstance(value, dict | list):
+        try:
+            # ensure_ascii=False: clients get readable UTF-8, not \uXXXX escapes; NaN is not JSON.
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ProcessorResultError(f"processor returned {_show(value)}, not valid JSON: {exc}") from exc
+        return text.encode(), APPLICATION_JSON
+    if value is None:
+        return b"", OCTET_STREAM
+    raise ProcessorResultError(
+        f"processor returned {_show(value)}; expected bytes, str, dict, list, None or (body, status)"
+    )
+
+
+def _show(value: object) -> str:
+    return f"{type(value).__name__} {reprlib.repr(value)}"
+
+
+def load_processor(path: str) -> LoadedProcessor:
+    """Import `module:attr` (a class, an object with `process`, or a function) as a LoadedProcessor."""
+    module_name, colon, attr_path = path.partition(":")
+    if not colon or not module_name or not attr_path or ":" in attr_path:
+        raise ProcessorLoadError(
+            f"processor path {path!r} must be 'module:attr', with a colon between the module and the "
+            "attribute (e.g. 'workers.examples:Echo')"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any failure while importing user code, not only ImportError
+        raise ProcessorLoadError(
+            f"processor {path!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    target: object = module
+    for name in attr_path.split("."):
+        try:
+            target = getattr(target, name)
+        except AttributeError:
+            raise ProcessorLoadError(
+                f"processor {path!r}: {module_name!r} has no attribute {attr_path!r}"
+            ) from None
+    if inspect.isclass(target):
+        target = _instantiate(target, path)
+    return LoadedProcessor(target, path)
+
+
+def _instantiate(cls: type, path: str) -> object:
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):  # some builtins have no signature; just try the call
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind()
+        except TypeError:
+            raise ProcessorLoadError(
+                f"processor {path!r}: class {cls.__name__} must be constructible with no arguments, "
+                f"but its signature is {cls.__name__}{signature}"
+            ) from None
+    try:
+        return cls()
+    except Exception as exc:
+        raise ProcessorLoadError(
+            f"processor {path!r}: {cls.__name__}() raised {type(exc).__name__}: {exc}"
+        ) from exc

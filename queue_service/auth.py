@@ -123,6 +123,4 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 
 def _same(given: str, expected: str) -> bool:
     # Constant time, on bytes: compare_digest on str refuses non-ASCII text.
-    return hmac.compare_digest(
-        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
-    )
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))

@@ -51,9 +51,7 @@ def main() -> None:
     envvar="QS_SERVICES",
     help="Services file (YAML). Default: a built-in open `echo` service.",
 )
-@click.option(
-    "--redis-url", envvar="QS_REDIS_URL", help="Use this Redis instead of starting an embedded redis-server."
-)
+@click.option("--redis-url", envvar="QS_REDIS_URL", help="Use this Redis instead of starting an embedded redis-server.")
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -90,8 +88,7 @@ def up(
     for service in services.services:
         if not service.token:
             click.secho(
-                f"warning: service {service.name!r} has no token: anyone who can reach "
-                f"{host}:{port} can use it",
+                f"warning: service {service.name!r} has no token: anyone who can reach {host}:{port} can use it",
                 fg="yellow",
                 err=True,
             )
@@ -124,9 +121,7 @@ def up(
 
     api = subprocess.Popen(api_command(host, port), env=env)
     workers = [subprocess.Popen(worker_command(redis_url), env=env) for _ in range(worker_count)]
-    click.echo(
-        f"API on http://{host}:{port} with {worker_count} worker(s); Ctrl-C stops everything", err=True
-    )
+    click.echo(f"API on http://{host}:{port} with {worker_count} worker(s); Ctrl-C stops everything", err=True)
     try:
         while not stopping:
             time.sleep(0.5)
@@ -135,9 +130,7 @@ def up(
                 break
             for i, worker in enumerate(workers):
                 if worker.poll() is not None and not stopping:
-                    click.echo(
-                        f"worker {worker.pid} exited with code {worker.returncode}; restarting", err=True
-                    )
+                    click.echo(f"worker {worker.pid} exited with code {worker.returncode}; restarting", err=True)
                     time.sleep(RESTART_DELAY_SECONDS)
                     workers[i] = subprocess.Popen(worker_command(redis_url), env=env)
     finally:

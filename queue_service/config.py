@@ -26,9 +26,7 @@ class _Strict(BaseModel):
 class RpcSettings(_Strict):
     """The platform's `metadata.rpc.*` keys."""
 
-    keepalive: Annotated[int, Field(gt=0, description="ms a sync request may take, queue wait included")] = (
-        5000
-    )
+    keepalive: Annotated[int, Field(gt=0, description="ms a sync request may take, queue wait included")] = 5000
     worker_threads: Annotated[int, Field(gt=0, le=1024)] = 5
     max_queue_size: Annotated[int, Field(gt=0)] = 64
     rate_limit: Annotated[float, Field(ge=0, description="requests per second per service; 0 = off")] = 0
@@ -120,8 +118,7 @@ def parse_services(raw: Any, source: str = "services file") -> ServicesFile:
         return ServicesFile.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or '(top level)'}: {error['msg']}"
-            for error in exc.errors()
+            f"{'.'.join(str(part) for part in error['loc']) or '(top level)'}: {error['msg']}" for error in exc.errors()
         )
         raise ConfigError(f"{source}: {problems}") from None
 

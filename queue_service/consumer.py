@@ -62,9 +62,7 @@ def _decode(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def item_from_entry(
-    service: str, stream: bytes | str, entry_id: bytes | str, flat: Sequence, deliveries: int
-):
+def item_from_entry(service: str, stream: bytes | str, entry_id: bytes | str, flat: Sequence, deliveries: int):
     fields = {_decode(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
     return TakenItem(
         service=service,

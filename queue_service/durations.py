@@ -28,7 +28,5 @@ def parse_duration(text: str) -> float:
     if _BARE_NUMBER.fullmatch(value):
         return float(value)
     if not _DURATION.fullmatch(value):
-        raise ValueError(
-            f"invalid duration {text!r}: expected seconds or a Go duration like '5s', '500ms', '1m30s'"
-        )
+        raise ValueError(f"invalid duration {text!r}: expected seconds or a Go duration like '5s', '500ms', '1m30s'")
     return sum(float(number) * _UNITS[unit] for number, unit in _COMPONENT.findall(value))

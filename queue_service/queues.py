@@ -146,25 +146,19 @@ class Queues:
         """Delete (or commit) items by index; returns how many were there."""
         qk = queue_keys(service, queue)
         return int(
-            await self.scripts.remove(
-                keys=[qk.high, qk.normal, qk.ids], args=["indexes", WORKER_GROUP, *indexes]
-            )
+            await self.scripts.remove(keys=[qk.high, qk.normal, qk.ids], args=["indexes", WORKER_GROUP, *indexes])
         )
 
     async def withdraw(self, service: str, index: int) -> bool:
         """Remove an input item only if no worker has taken it yet; True when withdrawn."""
         qk = keys.input_queue(service)
-        removed = await self.scripts.remove(
-            keys=[qk.high, qk.normal, qk.ids], args=["waiting", WORKER_GROUP, index]
-        )
+        removed = await self.scripts.remove(keys=[qk.high, qk.normal, qk.ids], args=["waiting", WORKER_GROUP, index])
         return int(removed) > 0
 
     async def truncate(self, service: str, queue: QueueName, below: int) -> int:
         """Remove every item whose index is below `below`."""
         qk = queue_keys(service, queue)
-        return int(
-            await self.scripts.remove(keys=[qk.high, qk.normal, qk.ids], args=["below", WORKER_GROUP, below])
-        )
+        return int(await self.scripts.remove(keys=[qk.high, qk.normal, qk.ids], args=["below", WORKER_GROUP, below]))
 
     async def search(self, service: str, queue: QueueName, index: int) -> Position | None:
         qk = queue_keys(service, queue)

@@ -90,17 +90,13 @@ class Watcher:
         for stream in self.req.queue.streams:
             ids = await self._held_ids(stream)
             if ids:
-                await self.scripts.lease(
-                    keys=[stream], args=[self.req.group, self.req.consumer, RELEASE_IDLE_MS, *ids]
-                )
+                await self.scripts.lease(keys=[stream], args=[self.req.group, self.req.consumer, RELEASE_IDLE_MS, *ids])
 
     async def sent(self, frame: DataFrame) -> None:
         """Called once a frame is on the wire: with auto_commit, that is its commit."""
         if self.req.auto_commit:
             qk = self.req.queue
-            await self.scripts.remove(
-                keys=[qk.high, qk.normal, qk.ids], args=["indexes", self.req.group, frame.index]
-            )
+            await self.scripts.remove(keys=[qk.high, qk.normal, qk.ids], args=["indexes", self.req.group, frame.index])
 
     async def _deliver(self, stream: bytes | str, entry_id: bytes, flat: list) -> DataFrame:
         frame = frame_from_entry(entry_id, _flatten(flat))

@@ -58,9 +58,7 @@ def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
         name="DataFrameProto",
         field=[
             _field("index", 1, _FD.TYPE_UINT64),
-            _field(
-                "tags", 2, _FD.TYPE_MESSAGE, repeated=True, type_name=".streaming.DataFrameProto.TagsEntry"
-            ),
+            _field("tags", 2, _FD.TYPE_MESSAGE, repeated=True, type_name=".streaming.DataFrameProto.TagsEntry"),
             _field("data", 3, _FD.TYPE_BYTES),
             _field("message", 4, _FD.TYPE_STRING),
         ],
@@ -96,12 +94,8 @@ def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
 _POOL = descriptor_pool.DescriptorPool()
 _POOL.Add(_file_descriptor())
 DataFrameProto: Any = message_factory.GetMessageClass(_POOL.FindMessageTypeByName("streaming.DataFrameProto"))
-DataFrameListProto: Any = message_factory.GetMessageClass(
-    _POOL.FindMessageTypeByName("streaming.DataFrameListProto")
-)
-AttributesProto: Any = message_factory.GetMessageClass(
-    _POOL.FindMessageTypeByName("streaming.AttributesProto")
-)
+DataFrameListProto: Any = message_factory.GetMessageClass(_POOL.FindMessageTypeByName("streaming.DataFrameListProto"))
+AttributesProto: Any = message_factory.GetMessageClass(_POOL.FindMessageTypeByName("streaming.AttributesProto"))
 
 
 def _to_proto(df: DataFrame, into: Any) -> None:

@@ -53,9 +53,7 @@ class LanguageId:
         try:
             from langid.langid import LanguageIdentifier, model
         except ImportError as exc:
-            raise ImportError(
-                "LanguageId needs the langid package: pip install 'queue-service[examples]'"
-            ) from exc
+            raise ImportError("LanguageId needs the langid package: pip install 'queue-service[examples]'") from exc
         # norm_probs=True makes the score a probability in 0..1 instead of a log-likelihood.
         self._identifier = LanguageIdentifier.from_modelstring(model, norm_probs=True)
 

@@ -146,9 +146,7 @@ def load_processor(path: str) -> LoadedProcessor:
         try:
             target = getattr(target, name)
         except AttributeError:
-            raise ProcessorLoadError(
-                f"processor {path!r}: {module_name!r} has no attribute {attr_path!r}"
-            ) from None
+            raise ProcessorLoadError(f"processor {path!r}: {module_name!r} has no attribute {attr_path!r}") from None
     if inspect.isclass(target):
         target = _instantiate(target, path)
     return LoadedProcessor(target, path)
@@ -170,6 +168,4 @@ def _instantiate(cls: type, path: str) -> object:
     try:
         return cls()
     except Exception as exc:
-        raise ProcessorLoadError(
-            f"processor {path!r}: {cls.__name__}() raised {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ProcessorLoadError(f"processor {path!r}: {cls.__name__}() raised {type(exc).__name__}: {exc}") from exc

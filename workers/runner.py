@@ -31,7 +31,5 @@ def run_item(processor: LoadedProcessor, item: TakenItem) -> Outcome:
     except Exception as exc:  # the user's code failed on this input: 400, and the worker goes on
         message = f"{type(exc).__name__}: {exc}"
         log.info("processor failed on %s: %s", item.request_id, message)
-        return Outcome(
-            body=message.encode(), status=400, content_type="text/plain; charset=utf-8", message=message
-        )
+        return Outcome(body=message.encode(), status=400, content_type="text/plain; charset=utf-8", message=message)
     return Outcome(body=result.body, status=result.status, content_type=result.content_type)

@@ -110,9 +110,7 @@ class QueueWorker(SimpleWorker):
         for name, processor in self.processors.items():
             started = time.monotonic()
             processor.initialize()
-            self.log.info(
-                "Worker %s: processor of %s ready in %.2fs", self.name, name, time.monotonic() - started
-            )
+            self.log.info("Worker %s: processor of %s ready in %.2fs", self.name, name, time.monotonic() - started)
         self.keeper.start()
 
     def teardown(self) -> None:
@@ -147,9 +145,7 @@ class QueueWorker(SimpleWorker):
                 self.consumer.wait_for_new(last, IDLE_POLL_SECONDS)
                 backoff = 1.0
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                self.log.error(
-                    "Worker %s: Redis unreachable (%s), retrying in %.0fs", self.name, exc, backoff
-                )
+                self.log.error("Worker %s: Redis unreachable (%s), retrying in %.0fs", self.name, exc, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
 
@@ -160,9 +156,7 @@ class QueueWorker(SimpleWorker):
             service = self.services[(self._next_service + offset) % count]
             taken = self.consumer.take(service)
             if taken == SINK_FULL:
-                self.log.warning(
-                    "Worker %s: sink of %s is full; not taking its input", self.name, service.name
-                )
+                self.log.warning("Worker %s: sink of %s is full; not taking its input", self.name, service.name)
                 continue
             if isinstance(taken, TakenItem):
                 self._next_service = (self._next_service + offset + 1) % count
@@ -176,9 +170,7 @@ class QueueWorker(SimpleWorker):
         return job
 
     def _queue_for(self, item: TakenItem) -> Queue:
-        return (
-            next(q for q in self.queues if q.name == item.service) if len(self.queues) > 1 else self.queues[0]
-        )
+        return next(q for q in self.queues if q.name == item.service) if len(self.queues) > 1 else self.queues[0]
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         item: TakenItem = job.meta["item"]
@@ -226,9 +218,7 @@ class QueueWorker(SimpleWorker):
                 return run_item(processor, item)
         except ProcessingTimeout:
             message = f"processing took longer than queue.max_processing_seconds={limit:g}"
-            return Outcome(
-                body=message.encode(), status=408, content_type="text/plain; charset=utf-8", message=message
-            )
+            return Outcome(body=message.encode(), status=408, content_type="text/plain; charset=utf-8", message=message)
 
     def _release_quietly(self, item: TakenItem) -> None:
         with contextlib.suppress(redis.RedisError):

@@ -58,9 +58,10 @@ for i = 1, 2 do
   end
   if #taken < want then
     local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want - #taken, 'STREAMS', s, '>')
-    if r then
-      for _, e in ipairs(r[1][2]) do taken[#taken + 1] = {s, e[1], e[2], 1} end
-    end
+    -- Redis answers nil or {{stream, entries}}; fakeredis answers {} or {stream, entries}.
+    local entries = {}
+    if r and type(r[1]) == 'table' then entries = r[1][2] elseif r and r[2] then entries = r[2] end
+    for _, e in ipairs(entries) do taken[#taken + 1] = {s, e[1], e[2], 1} end
   end
 end
 return taken

@@ -136,16 +136,13 @@ def wait_until_ready(process: ManagedProcess, ready: Callable[[], bool], timeout
     while time.monotonic() < deadline:
         if not process.is_running():
             raise ProcessStartError(
-                f"{process.name} exited with code {process.returncode} before {what}; log tail:\n"
-                f"{process.log_tail()}"
+                f"{process.name} exited with code {process.returncode} before {what}; log tail:\n{process.log_tail()}"
             )
         if ready():
             return
         time.sleep(0.05)
     process.stop()
-    raise ProcessStartError(
-        f"{process.name}: not {what} within {timeout:g} s; log tail:\n{process.log_tail()}"
-    )
+    raise ProcessStartError(f"{process.name}: not {what} within {timeout:g} s; log tail:\n{process.log_tail()}")
 
 
 def _product_env(redis_url: str, services_file: str | Path, env: Mapping[str, str] | None) -> dict[str, str]:
@@ -166,9 +163,7 @@ def start_api(
     port = port or free_port()
     base_url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(port)]
-    process = ManagedProcess(
-        argv, name=f"api-{port}", env=_product_env(redis_url, services_file, env), log_dir=log_dir
-    )
+    process = ManagedProcess(argv, name=f"api-{port}", env=_product_env(redis_url, services_file, env), log_dir=log_dir)
 
     def healthy() -> bool:
         try:
@@ -197,9 +192,7 @@ def start_worker(
         sys.executable, "-m", "rq.cli", "worker",
         "-w", worker_class, "--url", redis_url, "--name", name, *services,
     ]  # fmt: skip
-    process = ManagedProcess(
-        argv, name=name, env=_product_env(redis_url, services_file, env), log_dir=log_dir
-    )
+    process = ManagedProcess(argv, name=name, env=_product_env(redis_url, services_file, env), log_dir=log_dir)
     # RQ's registry of live workers holds each worker's key, built from its name.
     worker_key = Worker.redis_worker_namespace_prefix + name
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)

@@ -43,9 +43,7 @@ def signed_headers(
     return {"Authorization": f"EAS {signature}", "Date": date, "Content-Type": content_type}
 
 
-def check(
-    headers: dict[str, str], *, path: str = PATH, body: bytes = BODY, token: str | None = TOKEN
-) -> str | None:
+def check(headers: dict[str, str], *, path: str = PATH, body: bytes = BODY, token: str | None = TOKEN) -> str | None:
     return check_authorization(token, headers, method="POST", path=path, body=body, now=NOW)
 
 
@@ -171,9 +169,7 @@ def test_official_client_signature_is_accepted() -> None:
     # The client formats local time as GMT: it signs correctly only on a UTC machine.
     env = {**os.environ, "TZ": "UTC"}
 
-    run = subprocess.run(
-        [python, "-c", _OFFICIAL_SIDE, TOKEN], capture_output=True, text=True, timeout=60, env=env
-    )
+    run = subprocess.run([python, "-c", _OFFICIAL_SIDE, TOKEN], capture_output=True, text=True, timeout=60, env=env)
 
     assert run.returncode == 0, run.stderr
     signed = json.loads(run.stdout)
@@ -181,7 +177,5 @@ def test_official_client_signature_is_accepted() -> None:
     for headers, body in ((signed["default"], BODY), (signed["json"], b'{"x": 1}')):
         assert headers["Authorization"].startswith("EAS ")
         assert check_authorization(TOKEN, headers, method="POST", path=PATH, body=body, now=now) is None
-        assert check_authorization(
-            TOKEN, headers, method="POST", path="/api/predict/echo", body=body, now=now
-        )
+        assert check_authorization(TOKEN, headers, method="POST", path="/api/predict/echo", body=body, now=now)
         assert check_authorization("other", headers, method="POST", path=PATH, body=body, now=now)

@@ -85,9 +85,7 @@ def test_language_id_reads_json_text(language_id: LoadedProcessor) -> None:
     assert json.loads(language_id.process(body).body)["language"] == "de"
 
 
-@pytest.mark.parametrize(
-    "body", [b"", b"  \n", b"\xff\xfe\x00", b'{"text": 5}', b'{"words": "hi"}', b'{"text": ""}']
-)
+@pytest.mark.parametrize("body", [b"", b"  \n", b"\xff\xfe\x00", b'{"text": 5}', b'{"words": "hi"}', b'{"text": ""}'])
 def test_language_id_rejects_empty_or_non_utf8_text(language_id: LoadedProcessor, body: bytes) -> None:
     with pytest.raises(ValueError, match="non-empty UTF-8 text"):
         language_id.process(body)

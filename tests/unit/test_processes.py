@@ -22,9 +22,7 @@ from tests.support.processes import (
     write_services,
 )
 
-IGNORES_SIGTERM = (
-    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up'); time.sleep(60)"
-)
+IGNORES_SIGTERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up'); time.sleep(60)"
 
 
 def healthz_app() -> FastAPI:
@@ -43,9 +41,7 @@ def _python(code: str, tmp_path: Path) -> ManagedProcess:
 
 
 def test_output_and_errors_go_to_the_log(tmp_path: Path) -> None:
-    child = _python(
-        "import sys; print('to stdout'); print('to stderr', file=sys.stderr); sys.exit(3)", tmp_path
-    )
+    child = _python("import sys; print('to stdout'); print('to stderr', file=sys.stderr); sys.exit(3)", tmp_path)
     assert child.wait(10) == 3
     assert child.returncode == 3
     assert "to stdout" in child.log_text()
@@ -79,9 +75,7 @@ def test_wait_times_out_on_a_running_child(tmp_path: Path) -> None:
 
 def test_start_api_returns_once_healthz_answers(redis_url: str, tmp_path: Path) -> None:
     services = write_services(tmp_path / "services.yaml", [])
-    api, base_url = start_api(
-        redis_url, services, app="tests.unit.test_processes:healthz_app", log_dir=tmp_path
-    )
+    api, base_url = start_api(redis_url, services, app="tests.unit.test_processes:healthz_app", log_dir=tmp_path)
     try:
         assert httpx.get(f"{base_url}/healthz").status_code == 200
     finally:
@@ -94,13 +88,9 @@ def test_start_api_reports_a_process_that_dies(redis_url: str, tmp_path: Path) -
         start_api(redis_url, services, app="no_such_module:create_app", log_dir=tmp_path)
 
 
-def test_start_worker_returns_once_registered(
-    redis_url: str, sync_redis: redis.Redis, tmp_path: Path
-) -> None:
+def test_start_worker_returns_once_registered(redis_url: str, sync_redis: redis.Redis, tmp_path: Path) -> None:
     services = write_services(tmp_path / "services.yaml", [])
-    worker = start_worker(
-        redis_url, services, ["echo"], name="w1", worker_class="rq.worker.Worker", log_dir=tmp_path
-    )
+    worker = start_worker(redis_url, services, ["echo"], name="w1", worker_class="rq.worker.Worker", log_dir=tmp_path)
     try:
         assert sync_redis.sismember("rq:workers", "rq:worker:w1")
     finally:

@@ -30,9 +30,7 @@ def test_frame_with_defaults_round_trips() -> None:
 
 
 def test_frame_list_round_trip_keeps_order() -> None:
-    frames = [
-        DataFrame(index=i, tags={"n": str(i)}, data=bytes([i, 0xFF]), message=f"m{i}") for i in (3, 1, 2)
-    ]
+    frames = [DataFrame(index=i, tags={"n": str(i)}, data=bytes([i, 0xFF]), message=f"m{i}") for i in (3, 1, 2)]
 
     assert wire.decode_frame_list(wire.encode_frame_list(frames)) == frames
 

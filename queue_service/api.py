@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,11 +22,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from queue_service import keys
+from queue_service.admission import RateLimiter
 from queue_service.auth import check_authorization
 from queue_service.config import ServiceConfig, ServicesFile, Settings
 from queue_service.errors import ApiError, error_response
 from queue_service.keys import QueueName
+from queue_service.logs import configure_logging
 from queue_service.params import MAX_LENGTH, MAX_WINDOW, Params
 from queue_service.queues import QueueFull, Queues, queue_keys
 from queue_service.request_log import REQUEST_ID_HEADER, RequestLog
@@ -59,6 +59,7 @@ class App:
         self.redis = redis
         self.queues = Queues(redis)
         self.sync = SyncCaller(redis, self.queues)
+        self.rate = RateLimiter(redis, self.queues.scripts)
 
     def service(self, name: str) -> ServiceConfig:
         try:
@@ -106,6 +107,8 @@ async def put(request: Request, service_name: str, queue: QueueName) -> Response
     body = await read_body(request, service.max_payload_bytes)
     app.authorize(request, service, body)
     params = Params(request.query_params, allowed={"_priority_"})
+    if queue == "input":
+        await app.rate.admit(service)
     try:
         result = await app.queues.put(service, queue, body, params.tags(), priority=params.flag("_priority_"))
     except QueueFull as exc:
@@ -190,6 +193,7 @@ async def sync_predict(request: Request, service_name: str) -> Response:
     body = await read_body(request, service.max_payload_bytes)
     app.authorize(request, service, body)
     Params(request.query_params, allowed=())
+    await app.rate.admit(service)
     return await app.sync.call(request, service, body)
 
 
@@ -342,6 +346,7 @@ def create_app(
 ) -> FastAPI:
     settings = settings or Settings()
     services = services or settings.load_services()
+    configure_logging()
 
     @asynccontextmanager
     async def lifespan(fastapi_app: FastAPI) -> AsyncIterator[None]:
@@ -367,4 +372,3 @@ def create_app(
     return app
 
 
-__all__ = ["create_app", "keys", "time"]

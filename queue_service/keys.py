@@ -75,9 +75,9 @@ def sync_reply(service: str, request_id: str) -> str:
     return f"qs:{{{service}}}:reply:{request_id}"
 
 
-def rate_window(service: str, second: int) -> str:
-    """Counter of requests admitted in one wall-clock second (rate limit), expires after 2 s."""
-    return f"qs:{{{service}}}:rate:{second}"
+def rate_limit(service: str) -> str:
+    """Rate limiter state (GCRA theoretical arrival time, ms); expires when the service is idle."""
+    return f"qs:{{{service}}}:rate"
 
 
 def stream_id(index: int) -> str:

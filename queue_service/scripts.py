@@ -11,7 +11,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-NAMES = ("put", "take", "finish", "lease", "remove", "read", "search")
+NAMES = ("put", "take", "finish", "lease", "remove", "read", "search", "rate")
 
 
 @cache
@@ -31,6 +31,7 @@ class Scripts:
     remove: Any
     read: Any
     search: Any
+    rate: Any
 
     @classmethod
     def register(cls, client: Any) -> Scripts:

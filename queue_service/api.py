@@ -28,6 +28,7 @@ from queue_service.config import ServiceConfig, ServicesFile, Settings
 from queue_service.errors import ApiError, error_response
 from queue_service.keys import QueueName
 from queue_service.logs import configure_logging
+from queue_service.metrics import Metrics
 from queue_service.params import MAX_LENGTH, MAX_WINDOW, Params
 from queue_service.queues import QueueFull, Queues, queue_keys
 from queue_service.request_log import REQUEST_ID_HEADER, RequestLog
@@ -53,8 +54,9 @@ QUEUE_FULL = 450
 class App:
     """What the routes share: settings, services, the Redis client and the queue operations."""
 
-    def __init__(self, settings: Settings, services: ServicesFile, redis: Redis) -> None:
+    def __init__(self, settings: Settings, services: ServicesFile, redis: Redis, metrics: Metrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.services = services
         self.redis = redis
         self.queues = Queues(redis)
@@ -103,6 +105,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 async def put(request: Request, service_name: str, queue: QueueName) -> Response:
     app = state(request)
+    request.state.operation = "put"
     service = app.service(service_name)
     body = await read_body(request, service.max_payload_bytes)
     app.authorize(request, service, body)
@@ -122,12 +125,15 @@ async def get(request: Request, service_name: str, queue: QueueName) -> Response
     service = app.service(service_name)
     app.authorize(request, service)
     params = Params(request.query_params)
+    request.state.operation = "get"
     if params.flag("_attrs_"):
+        request.state.operation = "attrs"
         attrs = await app.queues.attributes(service, queue)
         if wants_protobuf(request.headers.get("accept")):
             return Response(encode_attributes(attrs), media_type=PROTOBUF_MEDIA_TYPE)
         return JSONResponse(attrs)
     if params.flag("_search_"):
+        request.state.operation = "search"
         index = params.integer("_index_", 0, minimum=1)
         position = await app.queues.search(service.name, queue, index)
         if position is None:
@@ -171,6 +177,7 @@ async def delete(request: Request, service_name: str, queue: QueueName) -> Respo
     service = app.service(service_name)
     app.authorize(request, service)
     params = Params(request.query_params, allowed={"_indexes_", "_index_", "_trunc_"})
+    request.state.operation = "delete"
     if params.flag("_trunc_"):
         await app.queues.truncate(service.name, queue, params.integer("_index_", 0, minimum=1))
     else:
@@ -183,12 +190,14 @@ async def commit(request: Request, service_name: str, queue: QueueName) -> Respo
     service = app.service(service_name)
     app.authorize(request, service)
     params = Params(request.query_params, allowed={"_indexes_"})
+    request.state.operation = "commit"
     await app.queues.remove(service.name, queue, params.indexes())
     return PlainTextResponse("OK")
 
 
 async def sync_predict(request: Request, service_name: str) -> Response:
     app = state(request)
+    request.state.operation = "sync"
     service = app.service(service_name)
     body = await read_body(request, service.max_payload_bytes)
     app.authorize(request, service, body)
@@ -278,6 +287,13 @@ async def healthz() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+async def metrics(request: Request) -> Response:
+    app = state(request)
+    await app.metrics.refresh(app.redis, app.services)
+    body, content_type = app.metrics.render()
+    return Response(body, media_type=content_type)
+
+
 async def readyz(request: Request) -> JSONResponse:
     app = state(request)
     try:
@@ -325,6 +341,14 @@ async def on_internal_error(request: Request, exc: Exception) -> Response:
 # --- factory ------------------------------------------------------------------------------
 
 
+def _count(app_metrics: Metrics, services: ServicesFile, record: dict) -> None:
+    # Only known services get a label: unknown names in URLs must not grow the metric set.
+    if record["service"] in services.by_name:
+        app_metrics.observe_request(
+            record["service"], record["operation"], record["status"], record["duration_ms"] / 1000
+        )
+
+
 def connect(settings: Settings) -> Redis:
     # Blocking pool: under a burst, callers wait for a connection instead of failing.
     pool = BlockingConnectionPool.from_url(
@@ -347,11 +371,12 @@ def create_app(
     settings = settings or Settings()
     services = services or settings.load_services()
     configure_logging()
+    app_metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(fastapi_app: FastAPI) -> AsyncIterator[None]:
         client = redis_client or connect(settings)
-        fastapi_app.state.qs = App(settings, services, client)
+        fastapi_app.state.qs = App(settings, services, client, app_metrics)
         try:
             yield
         finally:
@@ -362,13 +387,12 @@ def create_app(
     app.include_router(queue_routes())
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/readyz", readyz, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(redis.exceptions.ConnectionError, on_redis_down)
     app.add_exception_handler(redis.exceptions.TimeoutError, on_redis_down)
     app.add_exception_handler(Exception, on_internal_error)
-    app.add_middleware(RequestLog)
+    app.add_middleware(RequestLog, on_done=lambda r: _count(app_metrics, services, r))
     return app
-
-

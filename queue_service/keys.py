@@ -80,6 +80,11 @@ def rate_limit(service: str) -> str:
     return f"qs:{{{service}}}:rate"
 
 
+def timings(service: str) -> str:
+    """Hash of worker-side latency histogram counters (see timings.py)."""
+    return f"qs:{{{service}}}:timings"
+
+
 def stream_id(index: int) -> str:
     return f"{index}-0"
 

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,8 +21,11 @@ log = logging.getLogger("queue_service.access")
 
 
 class RequestLog:
-    def __init__(self, app: ASGIApp) -> None:
+    """`on_done(record)` is called with each request's log record (metrics count from it)."""
+
+    def __init__(self, app: ASGIApp, on_done: Callable[[dict], None] | None = None) -> None:
         self.app = app
+        self.on_done = on_done
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,8 +57,11 @@ class RequestLog:
                 "method": scope["method"],
                 "path": path,
                 "service": service,
+                "operation": state.get("operation", scope["method"].lower()),
                 "status": status,
                 "duration_ms": round((time.monotonic() - started) * 1000, 2),
             }
             record.update(state.get("log_extra", {}))
             log.info(json.dumps(record))
+            if self.on_done is not None:
+                self.on_done(record)

@@ -1,0 +1,125 @@
+"""Prometheus metrics: what this API process counts, plus queue state read from Redis at scrape time.
+
+Request counts and latencies are per API process (Prometheus sums them across processes).
+Queue gauges and the worker-side histograms (queue wait, processing, total) are cluster-wide:
+they are read from Redis, where every worker records its timings (`consumer.finish`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from queue_service import keys
+from queue_service.config import ServicesFile
+from queue_service.keys import WORKER_GROUP
+from queue_service.timings import HISTOGRAMS, bucket_bounds
+
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "queue_service_requests",
+            "HTTP requests by service, operation and final status code (450, 429, 408, 499 included)",
+            ["service", "operation", "status"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "queue_service_request_duration_seconds",
+            "HTTP request duration by service and operation (sync: queue wait + processing)",
+            ["service", "operation"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        labels = ["service"]
+        self.waiting = Gauge(
+            "queue_service_waiting_items", "Input items waiting for a worker", labels, registry=self.registry
+        )
+        self.in_flight = Gauge(
+            "queue_service_in_flight_items", "Input items held by workers", labels, registry=self.registry
+        )
+        self.oldest_age = Gauge(
+            "queue_service_oldest_waiting_age_seconds",
+            "Age of the oldest item in the input queue",
+            labels,
+            registry=self.registry,
+        )
+        self.live_workers = Gauge(
+            "queue_service_live_workers", "Workers with a recent heartbeat", labels, registry=self.registry
+        )
+        self.sink_items = Gauge(
+            "queue_service_sink_items", "Results waiting in the sink", labels, registry=self.registry
+        )
+        self.backlog_per_worker = Gauge(
+            "queue_service_backlog_per_worker",
+            "Waiting items per live worker (all of them when none): the scaling signal",
+            labels,
+            registry=self.registry,
+        )
+        self._histograms: list[HistogramMetricFamily] = []
+        self.registry.register(self)  # collect() below adds the Redis-backed histograms
+
+    def observe_request(self, service: str, operation: str, status: int, seconds: float) -> None:
+        self.requests.labels(service, operation, str(status)).inc()
+        self.request_seconds.labels(service, operation).observe(seconds)
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        yield from self._histograms
+
+    def describe(self):  # type: ignore[no-untyped-def]
+        return []
+
+    async def refresh(self, redis: Redis, services: ServicesFile) -> None:
+        """Read the queue state of every service from Redis (called per scrape)."""
+        now = time.time()
+        histograms = {
+            name: HistogramMetricFamily(f"queue_service_{name}_seconds", help_, labels=["service"])
+            for name, help_ in HISTOGRAMS.items()
+        }
+        for service in services.services:
+            qi, qs = keys.input_queue(service.name), keys.sink_queue(service.name)
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.xlen(qi.high)
+                pipe.xlen(qi.normal)
+                pipe.xlen(qs.high)
+                pipe.xlen(qs.normal)
+                pipe.zcount(keys.live_workers(service.name), now, "+inf")
+                pipe.xrange(qi.high, count=1)
+                pipe.xrange(qi.normal, count=1)
+                pipe.hgetall(keys.timings(service.name))
+                high, normal, sink_high, sink_normal, workers, first_high, first_normal, stats = await pipe.execute()
+            held = 0
+            for stream in qi.streams:
+                with contextlib.suppress(ResponseError):  # no group yet: nothing held
+                    held += int((await redis.xpending(stream, WORKER_GROUP))["pending"])
+            length = int(high) + int(normal)
+            waiting = max(0, length - held)
+            put_times = [int(e[0][1][b"ts"]) / 1000 for e in (first_high, first_normal) if e and b"ts" in e[0][1]]
+            name = service.name
+            self.waiting.labels(name).set(waiting)
+            self.in_flight.labels(name).set(held)
+            self.oldest_age.labels(name).set(max(0.0, now - min(put_times)) if put_times else 0)
+            self.live_workers.labels(name).set(int(workers))
+            self.sink_items.labels(name).set(int(sink_high) + int(sink_normal))
+            self.backlog_per_worker.labels(name).set(waiting / int(workers) if int(workers) else waiting)
+            decoded = {k.decode(): float(v) for k, v in stats.items()}
+            for hist_name, family in histograms.items():
+                cumulative, buckets = 0.0, []
+                for bound in bucket_bounds():
+                    cumulative += decoded.get(f"{hist_name}:{bound}", 0.0)
+                    buckets.append((str(bound), cumulative))
+                cumulative += decoded.get(f"{hist_name}:+Inf", 0.0)
+                buckets.append(("+Inf", cumulative))
+                family.add_metric([name], buckets, decoded.get(f"{hist_name}:sum", 0.0))
+        self._histograms = list(histograms.values())
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

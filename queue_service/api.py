@@ -26,6 +26,7 @@ from queue_service.admission import RateLimiter
 from queue_service.auth import check_authorization
 from queue_service.config import ServiceConfig, ServicesFile, Settings
 from queue_service.errors import ApiError, error_response
+from queue_service.faults import checkpoint
 from queue_service.keys import QueueName
 from queue_service.logs import configure_logging
 from queue_service.metrics import Metrics
@@ -112,10 +113,12 @@ async def put(request: Request, service_name: str, queue: QueueName) -> Response
     params = Params(request.query_params, allowed={"_priority_"})
     if queue == "input":
         await app.rate.admit(service)
+    checkpoint("put.admitted")
     try:
         result = await app.queues.put(service, queue, body, params.tags(), priority=params.flag("_priority_"))
     except QueueFull as exc:
         raise ApiError(QUEUE_FULL, str(exc)) from None
+    checkpoint("put.stored")
     request.state.request_id = result.request_id
     return PlainTextResponse(str(result.index), headers={REQUEST_ID_HEADER: result.request_id})
 

@@ -153,5 +153,15 @@ def _stop_all(processes: list[subprocess.Popen[bytes]], grace: float = 30.0) -> 
             process.wait()
 
 
+# The commands for people and scripts (HTTP clients of the API) live in their own module.
+from queue_service.client_cli import attrs, get, health, put, watch  # noqa: E402
+
+main.add_command(put)
+main.add_command(get)
+main.add_command(watch)
+main.add_command(attrs)
+main.add_command(health)
+
+
 if __name__ == "__main__":
     main()

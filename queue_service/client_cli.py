@@ -1,0 +1,496 @@
+"""`queue-service` commands for people and scripts: put, get, watch, attrs, health — HTTP clients of the API.
+
+They speak only the public queue protocol (the same calls as curl or the official clients), so they
+work against any deployment: `queue-service up`, docker compose, or a remote host.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any, NoReturn
+from urllib.parse import quote, urlencode
+
+import click
+import httpx
+
+EXIT_OK = 0
+EXIT_REFUSED = 1  # the server said no: an error status, a processor's error result, not ready
+EXIT_USAGE = 2  # click's own code for a bad command line
+EXIT_TIMEOUT = 3  # no result within --timeout
+EXIT_NO_CONNECTION = 4  # the API cannot be reached
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  ok
+  1  the server said no (an error status, a processor's error result) or is not ready
+  2  usage error (bad options or arguments)
+  3  timed out waiting for a result
+  4  cannot connect to the API
+"""
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+LAST_CODE_HEADER = "X-Eas-Queueservice-Last-Code"
+REQUEST_ID_HEADER = "X-Eas-Queueservice-Request-Id"
+UID_HEADER = "X-EAS-QueueService-Redis-Uid"
+GID_HEADER = "X-EAS-QueueService-Redis-Gid"
+# Longest single long poll: a terminal's progress line is refreshed this often.
+PROGRESS_POLL_SECONDS = 0.5
+# Without a terminal nobody watches progress: fewer, longer polls.
+QUIET_POLL_SECONDS = 5.0
+# How long the API may take beyond a long poll's own wait before the call counts as failed.
+ANSWER_MARGIN_SECONDS = 10.0
+
+
+class CliError(click.ClickException):
+    """A failure reported as `Error: ...` on stderr with one of the documented exit codes."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# --- the API over HTTP -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Result:
+    """A result item of the sink: the processor's body and status (`lastCode`, 200 when absent)."""
+
+    body: bytes
+    status: int
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where an input item stands: waiting with `ahead` items before it, or running on `consumer`."""
+
+    running: bool
+    ahead: int
+    consumer: str
+
+
+class Api:
+    """The queue API of one deployment; every failure becomes a CliError with its exit code."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": token} if token else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=ANSWER_MARGIN_SECONDS)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        content: bytes | None = None,
+        wait: float = 0.0,
+        accept: tuple[int, ...] = (),
+    ) -> httpx.Response:
+        """One call; a status of 400 or more is a refusal unless listed in `accept`."""
+        timeout = httpx.Timeout(ANSWER_MARGIN_SECONDS, read=wait + ANSWER_MARGIN_SECONDS)
+        try:
+            response = self.http.request(method, path, params=params, content=content, timeout=timeout)
+        except httpx.TransportError as exc:
+            reason = str(exc) or type(exc).__name__
+            raise CliError(f"cannot connect to {self.url}: {reason}", EXIT_NO_CONNECTION) from None
+        if response.status_code >= 400 and response.status_code not in accept:
+            raise CliError(f"{method} {path}: {response.status_code} {_detail(response)}", EXIT_REFUSED)
+        return response
+
+    def put(self, service: str, body: bytes, tags: dict[str, str], priority: bool) -> tuple[int, str]:
+        params = dict(tags)
+        if priority:
+            params["_priority_"] = "1"
+        response = self.request("POST", queue_path(service), params=params, content=body)
+        return int(response.text), response.headers.get(REQUEST_ID_HEADER, "")
+
+    def result(self, service: str, request_id: str, wait: float, keep: bool) -> Result | None:
+        """The result of `request_id`, waiting up to `wait` seconds for it; None when not there yet."""
+        params = {
+            "requestId": request_id,
+            "_raw_": "true",
+            "_timeout_": f"{round(wait * 1000)}ms",
+            "_auto_delete_": "false" if keep else "true",
+        }
+        response = self.request("GET", queue_path(service, sink=True), params=params, wait=wait)
+        if response.status_code == 204:
+            return None
+        status = int(response.headers.get(LAST_CODE_HEADER) or 200)
+        return Result(response.content, status, response.headers.get(REQUEST_ID_HEADER, request_id))
+
+    def position(self, service: str, index: int) -> Position | None:
+        """Where input item `index` stands; None once it has left the input queue (processed)."""
+        params = {"_search_": "true", "_index_": str(index)}
+        response = self.request("GET", queue_path(service), params=params, accept=(404,))
+        if response.status_code == 404:
+            return None
+        found = response.json()
+        return Position(bool(found["IsPending"]), int(found["WaitCount"]), str(found["ConsumerId"]))
+
+    def commit(self, service: str, index: int, sink: bool) -> None:
+        self.request("PUT", queue_path(service, sink=sink), params={"_indexes_": str(index)})
+
+    def attributes(self, service: str, sink: bool) -> dict[str, str]:
+        return self.request("GET", queue_path(service, sink=sink), params={"_attrs_": "true"}).json()
+
+    def readiness(self) -> httpx.Response:
+        return self.request("GET", "/readyz", accept=(503,))
+
+
+def queue_path(service: str, sink: bool = False) -> str:
+    return f"/api/predict/{quote(service, safe='')}" + ("/sink" if sink else "")
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    return str(detail) if detail else response.text.strip()[:500]
+
+
+# --- waiting for a result ----------------------------------------------------------------
+
+
+class Progress:
+    """One status line on stderr, rewritten in place; used only when stderr is a terminal."""
+
+    def __init__(self, stream: IO[str], label: str, started: float) -> None:
+        self.stream = stream
+        self.label = label
+        self.started = started
+
+    def show(self, state: str) -> None:
+        self.stream.write(f"\r\x1b[K{self.label}: {state} ({time.monotonic() - self.started:.1f}s)")
+        self.stream.flush()
+
+    def finish(self, state: str) -> None:
+        self.stream.write(f"\r\x1b[K{self.label}: {state} in {time.monotonic() - self.started:.1f}s\n")
+        self.stream.flush()
+
+
+def describe(position: Position | None) -> str:
+    if position is None:
+        return "processed, reading the result"
+    if position.running:
+        return f"running on {position.consumer}" if position.consumer else "running"
+    if position.ahead == 0:
+        return "waiting, next in queue"
+    return f"waiting, {position.ahead} ahead in queue"
+
+
+def wait_for_result(
+    api: Api,
+    service: str,
+    request_id: str,
+    *,
+    timeout: float | None,
+    keep: bool,
+    index: int | None = None,
+    progress: Progress | None = None,
+) -> Result:
+    """Long-poll the sink until the result of `request_id` is there; CliError(EXIT_TIMEOUT) after `timeout`."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    poll = PROGRESS_POLL_SECONDS if progress else QUIET_POLL_SECONDS
+    while True:
+        if progress is not None and index is not None:
+            progress.show(describe(api.position(service, index)))
+        left = poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic()))
+        result = api.result(service, request_id, left, keep)
+        if result is not None:
+            if progress is not None:
+                progress.finish("done" if result.status == 200 else f"failed with status {result.status}")
+            return result
+        if deadline is not None and time.monotonic() >= deadline:
+            if progress is not None:
+                progress.finish("still no result")
+            raise CliError(
+                f"no result for request id {request_id} after {timeout:g}s; it may still come: "
+                f"queue-service get --service {service} --timeout 60 {request_id}",
+                EXIT_TIMEOUT,
+            )
+
+
+def emit_result(result: Result, raw: bool) -> None:
+    """The body on stdout (exact bytes with --raw, else text); a processor's error status exits 1."""
+    if raw:
+        click.echo(result.body, nl=False)
+    else:
+        text = result.body.decode("utf-8", errors="replace")
+        click.echo(text, nl=not text.endswith("\n"))
+    if result.status != 200:
+        raise CliError(f"the processor answered status {result.status} (request id {result.request_id})", EXIT_REFUSED)
+
+
+# --- options shared by the commands --------------------------------------------------------
+
+
+def _check_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise click.BadParameter(f"must start with http:// or https://, got {value!r}")
+    return value
+
+
+def _parse_tags(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for value in values:
+        key, sep, tag = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {value!r}")
+        if key.startswith("_") or key == "requestId":
+            raise click.BadParameter(f"{key!r} is reserved by the queue protocol; tag names may not start with '_'")
+        tags[key] = tag
+    return tags
+
+
+url_option = click.option(
+    "--url",
+    default=DEFAULT_URL,
+    envvar="QS_URL",
+    show_default=True,
+    show_envvar=True,
+    callback=_check_url,
+    help="Base URL of the queue-service API.",
+)
+token_option = click.option(
+    "--token", envvar="QS_TOKEN", show_envvar=True, help="The service's token, sent as the Authorization header."
+)
+service_option = click.option(
+    "--service", "-s", required=True, envvar="QS_SERVICE", show_envvar=True, help="Service name."
+)
+keep_option = click.option(
+    "--keep",
+    is_flag=True,
+    help="Leave the result in the sink. By default reading it removes it, so the sink does not fill up.",
+)
+raw_option = click.option("--raw", is_flag=True, help="Write the result's exact bytes, with no newline added.")
+tag_option = click.option(
+    "--tag", "tags", multiple=True, metavar="KEY=VALUE", callback=_parse_tags, help="A tag; repeatable."
+)
+
+
+def client_command(function: Callable[..., None]) -> click.Command:
+    """A click command whose --help ends with the exit codes."""
+    return click.command(epilog=EXIT_CODES_HELP)(function)
+
+
+def _fail(message: str, exit_code: int) -> NoReturn:
+    raise CliError(message, exit_code)
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+@client_command
+@click.argument("body_file", metavar="[FILE]", type=click.File("rb"), default="-")
+@service_option
+@url_option
+@token_option
+@tag_option
+@click.option("--priority", is_flag=True, help="Put the request ahead of normal ones (_priority_=1).")
+@click.option("--wait", is_flag=True, help="Wait for the result and print it.")
+@click.option("--timeout", type=click.FloatRange(min=0), help="With --wait: seconds to wait before exiting with 3.")
+@keep_option
+@raw_option
+def put(
+    body_file: IO[bytes],
+    service: str,
+    url: str,
+    token: str | None,
+    tags: dict[str, str],
+    priority: bool,
+    wait: bool,
+    timeout: float | None,
+    keep: bool,
+    raw: bool,
+) -> None:
+    """Put a body (FILE, or stdin) on a service's input queue.
+
+    Without --wait, prints the index and the request id, tab-separated. With --wait, prints the
+    result body; while waiting, a terminal shows the position in the queue, then running, then
+    done, with the elapsed time (nothing is shown when stderr is not a terminal).
+
+    \b
+    Examples:
+      echo hello | queue-service put -s echo --wait
+      queue-service put -s sleep --wait --timeout 60 seconds.txt
+      rid=$(echo 2 | queue-service put -s sleep | cut -f2)
+    """
+    if body_file.isatty():
+        raise click.UsageError("no body: give a FILE, or pipe the body in (echo hello | queue-service put -s echo)")
+    if not wait and (timeout is not None or keep or raw):
+        raise click.UsageError("--timeout, --keep and --raw need --wait")
+    body = body_file.read()
+    api = Api(url, token)
+    started = time.monotonic()
+    index, request_id = api.put(service, body, tags, priority)
+    if not wait:
+        click.echo(f"{index}\t{request_id}")
+        return
+    stderr = click.get_text_stream("stderr")
+    progress = Progress(stderr, f"{service} #{index}", started) if stderr.isatty() else None
+    result = wait_for_result(api, service, request_id, timeout=timeout, keep=keep, index=index, progress=progress)
+    emit_result(result, raw)
+
+
+@client_command
+@click.argument("request_id")
+@service_option
+@url_option
+@token_option
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds to wait for the result to appear (0: look once) before exiting with 3.",
+)
+@keep_option
+@raw_option
+def get(request_id: str, service: str, url: str, token: str | None, timeout: float, keep: bool, raw: bool) -> None:
+    """Print a request's result, by the request id that `put` printed.
+
+    \b
+    Examples:
+      queue-service get -s echo 0b7e5c4e-...
+      queue-service get -s sleep --timeout 120 --raw "$rid" > result.json
+    """
+    result = wait_for_result(Api(url, token), service, request_id, timeout=timeout, keep=keep)
+    emit_result(result, raw)
+
+
+@client_command
+@service_option
+@url_option
+@token_option
+@click.option("--window", type=click.IntRange(min=1), default=10, show_default=True, help="Items held uncommitted.")
+@click.option(
+    "--group",
+    default="eas",
+    show_default=True,
+    help="Consumer group: watchers of one group share the items; each group gets every item.",
+)
+@click.option("--index", "start_index", type=click.IntRange(min=0), default=0, help="Start at this index (0: head).")
+@click.option("--count", type=click.IntRange(min=1), help="Exit after this many items.")
+@click.option("--input", "input_queue", is_flag=True, help="Watch the input queue instead of the sink.")
+@tag_option
+def watch(
+    service: str,
+    url: str,
+    token: str | None,
+    window: int,
+    group: str,
+    start_index: int,
+    count: int | None,
+    input_queue: bool,
+    tags: dict[str, str],
+) -> None:
+    """Print a sink's results as they come, committing each.
+
+    One JSON line per item: {"index", "tags", "data"} (data as text, or "data_base64" when it is
+    not UTF-8). A printed item is committed, so it is gone from the sink. Ctrl-C stops (exit 0).
+
+    \b
+    Examples:
+      queue-service watch -s echo
+      queue-service watch -s sleep --count 1 | jq .data
+    """
+    # Imported here: the other commands (and the compose healthcheck) start faster without them.
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+    from websockets.sync.client import connect
+
+    from queue_service.wire import decode_frame
+
+    api = Api(url, token)
+    params = {
+        "_watch_": "true",
+        "_window_": str(window),
+        "_index_": str(start_index),
+        "_auto_commit_": "false",
+        **tags,
+    }
+    ws_url = "ws" + url.rstrip("/").removeprefix("http") + queue_path(service, sink=not input_queue)
+    headers = {GID_HEADER: group, UID_HEADER: f"cli-{uuid.uuid4().hex[:12]}"}
+    if token:
+        headers["Authorization"] = token
+    seen = 0
+    try:
+        with connect(f"{ws_url}?{urlencode(params)}", additional_headers=headers, max_size=None) as socket:
+            while count is None or seen < count:
+                message = socket.recv()  # items come as binary frames: bytes
+                frame = decode_frame(message if isinstance(message, bytes) else message.encode())
+                click.echo(json.dumps(_item_json(frame.index, frame.tags, frame.data), ensure_ascii=False))
+                api.commit(service, frame.index, sink=not input_queue)
+                seen += 1
+    except KeyboardInterrupt:
+        return
+    except InvalidStatus as exc:
+        response = exc.response
+        detail = response.body.decode(errors="replace") if response.body else ""
+        _fail(f"watch refused: {response.status_code} {detail}".strip(), EXIT_REFUSED)
+    except (OSError, InvalidHandshake) as exc:
+        _fail(f"cannot connect to {url}: {exc}", EXIT_NO_CONNECTION)
+    except ConnectionClosed as exc:
+        _fail(f"the API closed the watch: {exc}", EXIT_NO_CONNECTION)
+
+
+def _item_json(index: int, tags: dict[str, str], data: bytes) -> dict[str, Any]:
+    item: dict[str, Any] = {"index": index, "tags": tags}
+    try:
+        item["data"] = data.decode("utf-8")
+    except UnicodeDecodeError:
+        item["data_base64"] = base64.b64encode(data).decode("ascii")
+    return item
+
+
+@client_command
+@service_option
+@url_option
+@token_option
+@click.option("--sink", is_flag=True, help="The sink's attributes instead of the input queue's.")
+def attrs(service: str, url: str, token: str | None, sink: bool) -> None:
+    """Print a queue's attributes as JSON.
+
+    They include the length, items waiting and in flight, live workers, and the backlog per worker
+    (the signal to scale workers on).
+
+    \b
+    Examples:
+      queue-service attrs -s echo
+      queue-service attrs -s echo | jq -r '."workers.backlogPerWorker"'
+    """
+    click.echo(json.dumps(Api(url, token).attributes(service, sink), indent=2, sort_keys=True))
+
+
+@client_command
+@url_option
+@click.option("--require-workers", is_flag=True, help="Also exit 1 when a service has no live worker.")
+def health(url: str, require_workers: bool) -> None:
+    """Check that the API is ready (GET /readyz): it answers and reaches Redis.
+
+    Exits 0 when ready, and says which services have no live worker (their requests wait in the
+    queue until one starts); exits 1 when the API cannot reach Redis.
+
+    \b
+    Examples:
+      queue-service health && echo ready
+      queue-service health --url http://gpu-box:8000 --require-workers
+    """
+    response = Api(url, None).readiness()
+    body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+    if response.status_code != 200:
+        _fail(f"not ready: {body.get('redis') or _detail(response)}", EXIT_REFUSED)
+    without = body.get("services_without_workers") or []
+    click.echo(f"ready: Redis {body.get('redis', 'ok')}")
+    if without:
+        click.echo(f"no live worker for: {', '.join(without)}")
+        if require_workers:
+            sys.exit(EXIT_REFUSED)

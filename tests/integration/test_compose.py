@@ -1,0 +1,338 @@
+"""compose.yaml and the Dockerfile, checked where no Docker engine runs.
+
+The compose file is validated against the Compose spec's JSON schema (the copy that
+check-jsonschema ships), and the api and worker services' commands are run, with their
+environment, as local processes against a local redis-server: only the addresses of the
+container network and the mounted services file's path are rewritten to local ones.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from jsonschema.validators import validator_for
+
+from queue_service.config import load_services
+from queue_service.durations import parse_duration
+from queue_service.embedded_redis import RedisServer, free_port
+from tests.support.processes import REPO_ROOT, ManagedProcess, wait_until_ready
+
+pytestmark = pytest.mark.integration
+
+COMPOSE_FILE = REPO_ROOT / "compose.yaml"
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+DOCKERIGNORE = REPO_ROOT / ".dockerignore"
+# The programs of the services' commands: the console scripts the project's dependencies install.
+VENV_BIN = Path(sys.executable).parent
+APP_SERVICES = ("api", "worker")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def service(compose: dict[str, Any], name: str) -> dict[str, Any]:
+    return compose["services"][name]
+
+
+def environment(spec: dict[str, Any]) -> dict[str, str]:
+    """A service's environment, from either of the spec's forms (mapping or KEY=VALUE list)."""
+    env = spec.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def bind_mounts(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The service's bind mounts (long syntax), by target path in the container."""
+    return {v["target"]: v for v in spec.get("volumes", []) if isinstance(v, dict) and v.get("type") == "bind"}
+
+
+# --- the compose file --------------------------------------------------------------------
+
+
+def compose_spec_errors(document: Any) -> list[str]:
+    schema_file = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    validator = validator_for(schema)(schema)
+    return [
+        f"{'/'.join(str(part) for part in error.absolute_path) or '(top)'}: {error.message}"
+        for error in validator.iter_errors(document)
+    ]
+
+
+def test_compose_file_follows_the_compose_spec(compose: dict[str, Any]) -> None:
+    assert compose_spec_errors(compose) == []
+
+
+def test_the_spec_check_catches_a_misspelt_key(compose: dict[str, Any]) -> None:
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["worker"]["stop_grace_perod"] = broken["services"]["worker"].pop("stop_grace_period")
+    assert any("stop_grace_perod" in error for error in compose_spec_errors(broken))
+
+
+def test_redis_keeps_its_data_with_aof_in_a_named_volume(compose: dict[str, Any]) -> None:
+    spec = service(compose, "redis")
+    assert spec["image"].startswith("redis:7")
+    command = spec["command"]
+    assert command[0] == "redis-server"
+    assert "--appendonly" in command
+    assert command[command.index("--appendonly") + 1] == "yes"
+    volume, _, target = spec["volumes"][0].partition(":")
+    assert target == "/data"
+    assert volume in compose["volumes"]
+    assert spec["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+
+
+def test_api_and_worker_wait_for_a_healthy_redis_and_share_the_mounted_services_file(compose: dict[str, Any]) -> None:
+    for name in APP_SERVICES:
+        spec = service(compose, name)
+        assert spec["depends_on"]["redis"]["condition"] == "service_healthy"
+        env = environment(spec)
+        assert env["QS_REDIS_URL"] == "redis://redis:6379/0"
+        mount = bind_mounts(spec)[env["QS_SERVICES"]]
+        assert mount["read_only"] is True
+        source = (COMPOSE_FILE.parent / mount["source"]).resolve()
+        assert source == (REPO_ROOT / "examples" / "services.yaml").resolve()
+        names = [s.name for s in load_services(source).services]
+        assert {"echo", "sleep", "language-id"} <= set(names)
+
+
+def test_api_publishes_its_port_and_checks_readiness(compose: dict[str, Any]) -> None:
+    spec = service(compose, "api")
+    assert "8000:8000" in spec["ports"]
+    assert "--port" in spec["command"] and spec["command"][spec["command"].index("--port") + 1] == "8000"
+    assert "queue-service health" in " ".join(spec["healthcheck"]["test"])
+
+
+def test_worker_stops_gracefully_and_can_be_scaled(compose: dict[str, Any]) -> None:
+    spec = service(compose, "worker")
+    assert spec["stop_signal"] == "SIGTERM"
+    # Docker's default of 10 s would kill a worker in the middle of a long inference.
+    assert parse_duration(spec["stop_grace_period"]) >= 60
+    # `docker compose up --scale worker=4` needs replicas that do not clash.
+    assert not {"container_name", "ports", "hostname"} & set(spec)
+
+
+def test_dashboard_runs_only_with_its_profile(compose: dict[str, Any]) -> None:
+    assert service(compose, "rq-dashboard")["profiles"] == ["dashboard"]
+    for name in ("redis", *APP_SERVICES):
+        assert "profiles" not in service(compose, name)
+
+
+# --- the Dockerfile ----------------------------------------------------------------------
+
+
+@dataclass
+class Instruction:
+    keyword: str
+    args: str
+
+
+def dockerfile_instructions() -> list[Instruction]:
+    instructions, pending = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        keyword, _, args = (pending + line).strip().partition(" ")
+        instructions.append(Instruction(keyword.upper(), args.strip()))
+        pending = ""
+    return instructions
+
+
+def dockerignored(path: str) -> bool:
+    """Whether .dockerignore keeps `path` out of the build context (last matching rule wins)."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for rule in DOCKERIGNORE.read_text().splitlines():
+        rule = rule.strip()
+        if not rule or rule.startswith("#"):
+            continue
+        negated = rule.startswith("!")
+        pattern = rule.removeprefix("!").strip("/")
+        if any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes):
+            excluded = not negated
+    return excluded
+
+
+def test_dockerfile_copies_paths_that_exist_and_reach_the_build_context() -> None:
+    copies = [shlex.split(i.args) for i in dockerfile_instructions() if i.keyword == "COPY"]
+    local = [args for args in copies if not any(arg.startswith("--from") for arg in args)]
+    assert local, "the Dockerfile copies the project in"
+    for args in local:
+        for source in [arg for arg in args[:-1] if not arg.startswith("--")]:
+            assert (REPO_ROOT / source).exists(), f"COPY {source}: no such path in the repository"
+            assert not dockerignored(source), f"COPY {source}: excluded by .dockerignore"
+    # Mounted at run time, never baked in; and no tests or caches in the context.
+    for outside in ("examples/services.yaml", "tests/conftest.py", ".git", ".cache"):
+        assert dockerignored(outside), f"{outside} should stay out of the build context"
+
+
+def test_dockerfile_builds_the_compose_targets_from_python_slim_as_a_non_root_user(compose: dict[str, Any]) -> None:
+    instructions = dockerfile_instructions()
+    stages = [shlex.split(i.args) for i in instructions if i.keyword == "FROM"]
+    assert all(stage[0] == "python:3.11-slim" for stage in stages)
+    names = [stage[2] for stage in stages if len(stage) == 3 and stage[1].upper() == "AS"]
+    for spec in compose["services"].values():
+        if "build" in spec:
+            assert spec["build"]["target"] in names
+    # `docker build .` without a target gives the app, the last stage.
+    assert names[-1] == "app"
+    last_from = max(n for n, i in enumerate(instructions) if i.keyword == "FROM")
+    app = instructions[last_from:]
+    users = [i.args for i in app if i.keyword == "USER"]
+    assert users and users[-1] not in {"root", "0"}
+    installs = " ".join(i.args for i in instructions if i.keyword == "RUN" and "pip" in i.args)
+    assert '".[examples]"' in installs and "queue-service[examples]" in installs
+    assert "[test]" not in installs and ",test" not in installs
+
+
+def test_the_services_commands_are_installed_by_the_project(compose: dict[str, Any]) -> None:
+    requirements = " ".join(metadata.requires("queue-service") or [])
+    for name, package in (("api", "uvicorn"), ("worker", "rq")):
+        program = service(compose, name)["command"][0]
+        assert program == package and package in requirements
+        assert shutil.which(program, path=str(VENV_BIN)), f"{program} is not installed in {VENV_BIN}"
+
+
+# --- the api and worker commands, run as local processes ----------------------------------
+
+
+def localize(compose: dict[str, Any], name: str, redis_url: str, api_port: int) -> tuple[list[str], dict[str, str]]:
+    """The service's command and environment, with container addresses and paths made local."""
+    spec = service(compose, name)
+    compose_redis = environment(service(compose, "api"))["QS_REDIS_URL"]
+    mounts = {target: str((COMPOSE_FILE.parent / m["source"]).resolve()) for target, m in bind_mounts(spec).items()}
+
+    def local(value: str) -> str:
+        return redis_url if value == compose_redis else mounts.get(value, value)
+
+    argv = [local(arg) for arg in spec["command"]]
+    for flag, value in (("--host", "127.0.0.1"), ("--port", str(api_port))):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+    argv[0] = shutil.which(argv[0], path=str(VENV_BIN)) or argv[0]
+    env = {key: local(value) for key, value in environment(spec).items()}
+    assert "redis:6379" not in " ".join(argv + list(env.values()))
+    return argv, env
+
+
+def run_healthcheck(compose: dict[str, Any], name: str, base_url: str) -> subprocess.CompletedProcess[str]:
+    kind, *test = service(compose, name)["healthcheck"]["test"]
+    argv = ["sh", "-c", test[0]] if kind == "CMD-SHELL" else test
+    argv = [arg.replace("http://127.0.0.1:8000", base_url) for arg in argv]
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30, check=False)
+
+
+@dataclass
+class LocalStack:
+    api: ManagedProcess
+    worker: ManagedProcess
+    base_url: str
+    token: str
+
+
+@pytest.fixture
+def local_stack(compose: dict[str, Any], redis_server: RedisServer, tmp_path: Path) -> Iterator[LocalStack]:
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    api_argv, api_env = localize(compose, "api", redis_server.url, port)
+    worker_argv, worker_env = localize(compose, "worker", redis_server.url, port)
+    token = load_services(api_env["QS_SERVICES"]).by_name["echo"].token or ""
+    processes: list[ManagedProcess] = []
+    try:
+        api = ManagedProcess(api_argv, name="compose-api", env=api_env, log_dir=tmp_path)
+        processes.append(api)
+        wait_until_ready(api, lambda: _status(f"{base_url}/readyz") == 200, 30, "ready on /readyz")
+        worker = ManagedProcess(worker_argv, name="compose-worker", env=worker_env, log_dir=tmp_path)
+        processes.append(worker)
+        wait_until_ready(worker, lambda: _workers_serve_all(base_url), 60, "live for every service")
+        yield LocalStack(api, worker, base_url, token)
+    finally:
+        for process in reversed(processes):
+            process.stop()
+
+
+def _status(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def _workers_serve_all(base_url: str) -> bool:
+    try:
+        return httpx.get(f"{base_url}/readyz", timeout=2).json()["services_without_workers"] == []
+    except (httpx.HTTPError, ValueError, KeyError):
+        return False
+
+
+def put_and_read_result(stack: LocalStack, service_name: str, body: bytes) -> bytes:
+    with httpx.Client(base_url=stack.base_url, headers={"Authorization": stack.token}, timeout=30) as http:
+        put = http.post(f"/api/predict/{service_name}", content=body)
+        assert put.status_code == 200, put.text
+        request_id = put.headers["X-Eas-Queueservice-Request-Id"]
+        result = http.get(
+            f"/api/predict/{service_name}/sink", params={"requestId": request_id, "_raw_": "true", "_timeout_": "20s"}
+        )
+    assert result.status_code == 200, f"no result; worker log:\n{stack.worker.log_tail()}"
+    return result.content
+
+
+def test_compose_api_and_worker_commands_process_a_request_together(
+    compose: dict[str, Any], local_stack: LocalStack
+) -> None:
+    assert put_and_read_result(local_stack, "echo", b"hello from compose") == b"hello from compose"
+    # The image installs the `examples` extra: the LanguageId model loads in the worker.
+    language = json.loads(put_and_read_result(local_stack, "language-id", b"The quick brown fox jumps over the dog."))
+    assert language["language"] == "en"
+    assert run_healthcheck(compose, "api", local_stack.base_url).returncode == 0
+
+
+def test_compose_worker_finishes_the_item_in_hand_on_its_stop_signal(
+    compose: dict[str, Any], local_stack: LocalStack
+) -> None:
+    headers = {"Authorization": local_stack.token}
+    with httpx.Client(base_url=local_stack.base_url, headers=headers, timeout=30) as http:
+        put = http.post("/api/predict/sleep", content=b"1.5")
+        index, request_id = put.text, put.headers["X-Eas-Queueservice-Request-Id"]
+        deadline = time.monotonic() + 20
+        while not http.get("/api/predict/sleep", params={"_search_": "true", "_index_": index}).json()["IsPending"]:
+            assert time.monotonic() < deadline, "the worker never took the item"
+            time.sleep(0.05)
+        local_stack.worker.terminate()  # compose's stop_signal is SIGTERM
+        grace = parse_duration(service(compose, "worker")["stop_grace_period"])
+        assert local_stack.worker.wait(timeout=min(grace, 30)) == 0, local_stack.worker.log_tail()
+        result = http.get("/api/predict/sleep/sink", params={"requestId": request_id, "_raw_": "true"})
+    assert result.status_code == 200 and json.loads(result.content) == {"slept": 1.5}
+
+
+def test_compose_api_healthcheck_fails_when_redis_is_gone(
+    compose: dict[str, Any], local_stack: LocalStack, redis_server: RedisServer
+) -> None:
+    assert run_healthcheck(compose, "api", local_stack.base_url).returncode == 0
+    redis_server.stop()
+    failed = run_healthcheck(compose, "api", local_stack.base_url)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "not ready" in failed.stderr

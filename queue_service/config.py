@@ -1,7 +1,7 @@
 """The services file and process settings: typed, validated once at start-up.
 
 A bad services file is refused before anything runs, with a message that names the key
-(`services[0].metadata.rpc.max_queue_size: Input should be greater than 0`).
+(`services.0.metadata.rpc.max_queue_size: Input should be greater than 0`).
 """
 
 from __future__ import annotations

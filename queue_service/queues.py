@@ -87,9 +87,9 @@ class Queues:
         request_id = new_request_id()
         qk = queue_keys(service.name, queue)
         if queue == "input":
-            bound, mode = service.rpc.max_queue_size, "waiting"
+            bound, mode, counted = service.rpc.max_queue_size, "waiting", "waiting"
         else:
-            bound, mode = service.queue.sink.max_length, "length"
+            bound, mode, counted = service.queue.sink.max_length, "length", "items"
         index = await self.scripts.put(
             keys=[qk.high, qk.normal, qk.seq, qk.ids],
             args=[
@@ -105,7 +105,7 @@ class Queues:
             ],
         )
         if int(index) < 0:
-            raise QueueFull(f"queue {service.name}/{queue} is full ({bound} waiting)")
+            raise QueueFull(f"queue {service.name}/{queue} is full ({bound} {counted})")
         return PutResult(int(index), request_id)
 
     async def read(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from redis import Redis
 
-from queue_service import keys
+from queue_service import keys, timings
 from queue_service.config import ServiceConfig
 from queue_service.keys import WORKER_GROUP
 from queue_service.scripts import Scripts
@@ -140,7 +140,7 @@ class InputConsumer:
         """Give the item back unfinished: another worker may take it at once."""
         self.scripts.lease(keys=[item.stream], args=[WORKER_GROUP, self.name, RELEASE_IDLE_MS, item.entry_id])
 
-    def finish(self, item: TakenItem, outcome: Outcome) -> int | None:
+    def finish(self, item: TakenItem, outcome: Outcome, processing_seconds: float = 0.0) -> int | None:
         """Publish the outcome and remove the item; None when the item was no longer ours.
 
         A sync request's answer goes to its reply list, never to the sink. An async result
@@ -164,6 +164,7 @@ class InputConsumer:
                 qs.seq,
                 qs.ids,
                 keys.sync_reply(item.service, item.request_id),
+                keys.timings(item.service),
             ],
             args=[
                 WORKER_GROUP,
@@ -176,6 +177,7 @@ class InputConsumer:
                 int(time.time() * 1000),
                 REPLY_TTL_MS,
                 outcome.message,
+                *timings.increments(item.queue_wait, processing_seconds, time.time() - item.put_ms / 1000),
             ],
         )
         return None if int(written) < 0 else int(written)

@@ -181,7 +181,7 @@ class QueueWorker(SimpleWorker):
         started = time.monotonic()
         try:
             outcome = self._run_with_limit(item, service)
-            written = self.consumer.finish(item, outcome)
+            written = self.consumer.finish(item, outcome, time.monotonic() - started)
         except BaseException:
             # Stopped mid-item (cold shutdown): hand the item back so another worker takes it now.
             self._release_quietly(item)

@@ -365,3 +365,17 @@ async def test_last_indexes_follow_puts(queues: Queues, worker: InputConsumer) -
     await queues.put(ECHO, "input", b"y", {}, priority=True)
 
     assert worker.last_indexes([ECHO, other]) == {"echo": 2, "other": 0}
+
+
+
+async def test_finish_records_worker_timings_for_metrics(
+    queues: Queues, worker: InputConsumer, redis: fakeredis.FakeRedis
+) -> None:
+    """Each finished item adds to the cluster-wide histograms that /metrics exposes."""
+    await queues.put(ECHO, "input", b"x", {})
+    worker.finish(take(worker), Outcome(b"y"), processing_seconds=0.02)
+    stats = {k.decode(): float(v) for k, v in redis.hgetall(keys.timings("echo")).items()}
+    assert stats["processing:0.025"] == 1
+    assert stats["processing:sum"] == 0.02
+    assert sum(v for k, v in stats.items() if k.startswith("queue_wait:") and not k.endswith(":sum")) == 1
+    assert sum(v for k, v in stats.items() if k.startswith("total:") and not k.endswith(":sum")) == 1

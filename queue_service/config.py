@@ -145,6 +145,9 @@ class Settings(BaseSettings):
     services: Path | None = None
     # How far a signed request's Date may be from the server clock (replay window).
     max_clock_skew_seconds: float = 900
+    # Workers: how long a stop (SIGTERM) waits for the item in hand before handing it back.
+    # Below Kubernetes' default 30 s termination grace, so the hand-back happens before SIGKILL.
+    shutdown_grace_seconds: float = 25
 
     def load_services(self) -> ServicesFile:
         return load_services(self.services)

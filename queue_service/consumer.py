@@ -21,6 +21,8 @@ from queue_service.keys import WORKER_GROUP
 from queue_service.scripts import Scripts
 
 SINK_FULL = "sink-full"
+# What a lease renewal finds.
+HELD, CANCELLED, HANDED_OVER = "held", "cancelled", "handed-over"
 # How long a sync reply waits for its caller to pick it up (the caller is already waiting).
 REPLY_TTL_MS = 60_000
 # A release makes an item claimable at once (its idle time jumps past any lease).
@@ -132,19 +134,25 @@ class InputConsumer:
             streams[qi.high] = streams[qi.normal] = keys.stream_id(index)
         self.redis.xread(streams, count=1, block=max(1, int(seconds * 1000)))
 
-    def renew(self, item: TakenItem) -> bool:
-        """Extend the lease; False when the item is no longer ours (cancelled or handed over)."""
-        return bool(self.scripts.lease(keys=[item.stream], args=[WORKER_GROUP, self.name, 0, item.entry_id]))
+    def renew(self, item: TakenItem) -> str:
+        """Extend the lease: HELD, CANCELLED (deleted while running) or HANDED_OVER (lease lapsed)."""
+        held, gone = self.scripts.lease(keys=[item.stream], args=[WORKER_GROUP, self.name, 0, item.entry_id])
+        if int(held):
+            return HELD
+        return CANCELLED if int(gone) else HANDED_OVER
 
     def release(self, item: TakenItem) -> None:
         """Give the item back unfinished: another worker may take it at once."""
         self.scripts.lease(keys=[item.stream], args=[WORKER_GROUP, self.name, RELEASE_IDLE_MS, item.entry_id])
 
-    def finish(self, item: TakenItem, outcome: Outcome, processing_seconds: float = 0.0) -> int | None:
+    def finish(
+        self, item: TakenItem, outcome: Outcome, processing_seconds: float = 0.0, *, held: bool = True
+    ) -> int | None:
         """Publish the outcome and remove the item; None when the item was no longer ours.
 
         A sync request's answer goes to its reply list, never to the sink. An async result
         with an empty body writes nothing (users who deliver results elsewhere do this).
+        `held=False` publishes without holding the item: the terminal answer of a cancelled one.
         """
         qi, qs = keys.input_queue(item.service), keys.sink_queue(item.service)
         if item.sync_reply:
@@ -167,7 +175,7 @@ class InputConsumer:
                 keys.timings(item.service),
             ],
             args=[
-                WORKER_GROUP,
+                WORKER_GROUP if held else "",
                 self.name,
                 item.entry_id,
                 mode,

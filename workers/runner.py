@@ -15,19 +15,16 @@ from workers.processor import LoadedProcessor
 log = logging.getLogger("queue_service.worker")
 
 
-class ProcessingTimeout(Exception):
-    """The processor ran longer than `queue.max_processing_seconds`."""
+class ProcessingTimeout(BaseException):
+    """The processor ran longer than `queue.max_processing_seconds`.
 
-
-class Cancelled(Exception):
-    """The item was deleted while it ran."""
+    A BaseException so that a processor's own `except Exception` cannot swallow it.
+    """
 
 
 def run_item(processor: LoadedProcessor, item: TakenItem) -> Outcome:
     try:
         result = processor.process(item.data)
-    except (ProcessingTimeout, Cancelled):
-        raise
     except Exception as exc:  # the user's code failed on this input: 400, and the worker goes on
         message = f"{type(exc).__name__}: {exc}"
         log.info("processor failed on %s: %s", item.request_id, message)

@@ -15,11 +15,11 @@ item, because a model is loaded once per process and GPU contexts do not survive
 from __future__ import annotations
 
 import contextlib
-import logging
+import faulthandler
 import math
-import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
 from rq.exceptions import StopRequested
@@ -29,51 +29,21 @@ from rq.timeouts import UnixSignalDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
 from queue_service.config import ServiceConfig, Settings
-from queue_service.consumer import SINK_FULL, InputConsumer, Outcome, TakenItem
+from queue_service.consumer import CANCELLED, SINK_FULL, InputConsumer, Outcome, TakenItem
+from workers.lease_keeper import SHUTDOWN, Interrupted, LeaseKeeper
 from workers.processor import LoadedProcessor, load_processor
 from workers.runner import ProcessingTimeout, run_item
 
+T = TypeVar("T")
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+
 # Longest single wait for new work: bounds how late a lapsed lease of a dead sibling is noticed.
 IDLE_POLL_SECONDS = 1.0
-# A worker counts as live this long after its last heartbeat (sync requests get 503 without one).
-LIVENESS_TTL_SECONDS = 5.0
-HEARTBEAT_INTERVAL_SECONDS = 1.0
-
-
-class LeaseKeeper(threading.Thread):
-    """Background heartbeat of the worker and renewal of the lease on the item in hand.
-
-    A thread, so that a processor busy for an hour keeps its lease; if the whole process
-    stops (killed, or stuck in C code holding the GIL), renewals stop and the item lapses.
-    """
-
-    def __init__(self, worker: QueueWorker) -> None:
-        super().__init__(name="lease-keeper", daemon=True)
-        self.worker = worker
-        self.stopping = threading.Event()
-        self.item: TakenItem | None = None
-        self.lost = threading.Event()
-
-    def hold(self, item: TakenItem | None) -> None:
-        self.item = item
-        self.lost.clear()
-
-    def run(self) -> None:
-        consumer = self.worker.consumer
-        last_renew = 0.0
-        while not self.stopping.wait(HEARTBEAT_INTERVAL_SECONDS):
-            try:
-                consumer.heartbeat(self.worker.services, LIVENESS_TTL_SECONDS)
-                item = self.item
-                if item is None:
-                    continue
-                lease = self.worker.service(item.service).queue.lease_seconds
-                if time.monotonic() - last_renew >= lease / 3 and item is self.item:
-                    last_renew = time.monotonic()
-                    if not consumer.renew(item):
-                        self.lost.set()
-            except redis.RedisError as exc:  # Redis away: the main loop reports it; keep trying
-                logging.getLogger("rq.worker").debug("lease keeper: %s", exc)
+# Extra time past queue.max_processing_seconds before the watchdog ends a process stuck in C code.
+WATCHDOG_EXTRA_SECONDS = 10.0
+# How long a finished item's result is retried while Redis is away, before giving it up to the lease.
+FINISH_RETRY_SECONDS = 300.0
+SINK_FULL_WARNING_INTERVAL = 30.0
 
 
 class QueueWorker(SimpleWorker):
@@ -81,7 +51,8 @@ class QueueWorker(SimpleWorker):
 
     def __init__(self, queues: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(queues, *args, **kwargs)
-        services_file = Settings().load_services()
+        settings = Settings()
+        services_file = settings.load_services()
         wanted = [q.name for q in self.queues]
         if wanted in ([], ["default"]):
             self.services: list[ServiceConfig] = list(services_file.services)
@@ -98,11 +69,17 @@ class QueueWorker(SimpleWorker):
             service.name: load_processor(service.processor) for service in self.services
         }
         self.consumer = InputConsumer(self.connection, self.name)
-        self.keeper = LeaseKeeper(self)
+        self._stop_asked_at: float | None = None
+        self.keeper = LeaseKeeper(
+            self.consumer, self.services, lambda: self._stop_asked_at, settings.shutdown_grace_seconds
+        )
         self._next_service = 0
+        self._sink_full_warned = 0.0
 
     def service(self, name: str) -> ServiceConfig:
         return self._by_name[name]
+
+    # --- life cycle ---------------------------------------------------------------------
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)
@@ -111,13 +88,40 @@ class QueueWorker(SimpleWorker):
             started = time.monotonic()
             processor.initialize()
             self.log.info("Worker %s: processor of %s ready in %.2fs", self.name, name, time.monotonic() - started)
+        self.keeper.install_interrupt_handler()
         self.keeper.start()
+
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        # Warm stop: finish the item in hand, within the grace period (the keeper enforces it).
+        if self._stop_asked_at is None:
+            self._stop_asked_at = time.monotonic()
+        super().request_stop(signum, frame)
 
     def teardown(self) -> None:
         self.keeper.stopping.set()
         with contextlib.suppress(redis.RedisError):
             self.consumer.leave(self.services)
-        super().teardown()
+        with contextlib.suppress(redis.RedisError):
+            super().teardown()
+
+    # rq's own bookkeeping must not end the worker while Redis is away: it reconnects instead.
+    def heartbeat(self, *args: Any, **kwargs: Any) -> None:
+        with contextlib.suppress(*REDIS_DOWN):
+            super().heartbeat(*args, **kwargs)
+
+    def set_state(self, *args: Any, **kwargs: Any) -> None:
+        with contextlib.suppress(*REDIS_DOWN):
+            super().set_state(*args, **kwargs)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        with contextlib.suppress(*REDIS_DOWN):
+            super().check_for_suspension(burst)
+
+    def run_maintenance_tasks(self) -> None:
+        with contextlib.suppress(*REDIS_DOWN):
+            super().run_maintenance_tasks()
+
+    # --- taking work --------------------------------------------------------------------
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
@@ -144,7 +148,7 @@ class QueueWorker(SimpleWorker):
                     return None
                 self.consumer.wait_for_new(last, IDLE_POLL_SECONDS)
                 backoff = 1.0
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except REDIS_DOWN as exc:
                 self.log.error("Worker %s: Redis unreachable (%s), retrying in %.0fs", self.name, exc, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
@@ -156,7 +160,9 @@ class QueueWorker(SimpleWorker):
             service = self.services[(self._next_service + offset) % count]
             taken = self.consumer.take(service)
             if taken == SINK_FULL:
-                self.log.warning("Worker %s: sink of %s is full; not taking its input", self.name, service.name)
+                if time.monotonic() - self._sink_full_warned > SINK_FULL_WARNING_INTERVAL:
+                    self._sink_full_warned = time.monotonic()
+                    self.log.warning("Worker %s: sink of %s is full; not taking its input", self.name, service.name)
                 continue
             if isinstance(taken, TakenItem):
                 self._next_service = (self._next_service + offset + 1) % count
@@ -170,32 +176,32 @@ class QueueWorker(SimpleWorker):
         return job
 
     def _queue_for(self, item: TakenItem) -> Queue:
-        return next(q for q in self.queues if q.name == item.service) if len(self.queues) > 1 else self.queues[0]
+        return next((q for q in self.queues if q.name == item.service), self.queues[0])
+
+    # --- running one item ---------------------------------------------------------------
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         item: TakenItem = job.meta["item"]
-        service = self.service(item.service)
         self.set_state(WorkerStatus.BUSY)
         self.procline(f"Processing {item.service} #{item.index}")
         self.keeper.hold(item)
         started = time.monotonic()
         try:
-            outcome = self._run_with_limit(item, service)
-            written = self.consumer.finish(item, outcome, time.monotonic() - started)
+            try:
+                outcome = self._run_with_limit(item, self.service(item.service))
+            except Interrupted as exc:
+                self._interrupted(item, exc.reason)
+                return
+            written = self._with_redis_retry(lambda: self.consumer.finish(item, outcome, time.monotonic() - started))
         except BaseException:
             # Stopped mid-item (cold shutdown): hand the item back so another worker takes it now.
             self._release_quietly(item)
             raise
         finally:
             self.keeper.hold(None)
-        elapsed = time.monotonic() - started
+            self.set_state(WorkerStatus.IDLE)
         if written is None:
-            self.log.warning(
-                "Worker %s: %s #%d was cancelled or taken over; result dropped",
-                self.name,
-                item.service,
-                item.index,
-            )
+            self.log.warning("Worker %s: %s #%d was taken over; result dropped", self.name, item.service, item.index)
         self.log.info(
             "Worker %s: %s #%d request_id=%s status=%d queue_wait=%.3fs processing=%.3fs",
             self.name,
@@ -204,21 +210,61 @@ class QueueWorker(SimpleWorker):
             item.request_id,
             outcome.status,
             item.queue_wait,
-            elapsed,
+            time.monotonic() - started,
         )
-        self.set_state(WorkerStatus.IDLE)
 
     def _run_with_limit(self, item: TakenItem, service: ServiceConfig) -> Outcome:
         processor = self.processors[item.service]
         limit = service.queue.max_processing_seconds
-        if not limit:
-            return run_item(processor, item)
+        self.keeper.processing = True
         try:
-            with UnixSignalDeathPenalty(math.ceil(limit), ProcessingTimeout):
+            if not limit:
                 return run_item(processor, item)
+            # SIGALRM stops Python code at the limit; the faulthandler watchdog (a C thread that
+            # needs no GIL) ends the process if the processor is stuck in C code, so that the
+            # supervisor replaces it and the lease hands the item to another worker.
+            faulthandler.dump_traceback_later(limit + WATCHDOG_EXTRA_SECONDS, exit=True)
+            try:
+                with UnixSignalDeathPenalty(math.ceil(limit), ProcessingTimeout):
+                    return run_item(processor, item)
+            finally:
+                faulthandler.cancel_dump_traceback_later()
         except ProcessingTimeout:
             message = f"processing took longer than queue.max_processing_seconds={limit:g}"
             return Outcome(body=message.encode(), status=408, content_type="text/plain; charset=utf-8", message=message)
+        finally:
+            self.keeper.processing = False
+
+    def _interrupted(self, item: TakenItem, reason: str) -> None:
+        if reason == CANCELLED:
+            message = "cancelled: the item was deleted from the input queue while it ran"
+            outcome = Outcome(message.encode(), 499, "text/plain; charset=utf-8", message)
+            self._with_redis_retry(lambda: self.consumer.finish(item, outcome, held=False))
+            self.log.info(
+                "Worker %s: %s #%d request_id=%s cancelled", self.name, item.service, item.index, item.request_id
+            )
+        elif reason == SHUTDOWN:
+            self._release_quietly(item)
+            self.log.warning("Worker %s: grace period over; %s #%d handed back", self.name, item.service, item.index)
+            raise StopRequested()
+        else:
+            self.log.warning(
+                "Worker %s: %s #%d was taken over by another worker; stopped it", self.name, item.service, item.index
+            )
+
+    def _with_redis_retry(self, call: Callable[[], T]) -> T:
+        """Retry while Redis is away (a restart): the result is not thrown away for a blip."""
+        deadline = time.monotonic() + FINISH_RETRY_SECONDS
+        backoff = 0.2
+        while True:
+            try:
+                return call()
+            except REDIS_DOWN as exc:
+                if time.monotonic() > deadline:
+                    raise
+                self.log.error("Worker %s: Redis unreachable (%s) while finishing; retrying", self.name, exc)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     def _release_quietly(self, item: TakenItem) -> None:
         with contextlib.suppress(redis.RedisError):

@@ -10,7 +10,16 @@ import pytest
 
 from queue_service import keys
 from queue_service.config import ServiceConfig
-from queue_service.consumer import SINK_FULL, InputConsumer, Outcome, TakenItem, decode_reply
+from queue_service.consumer import (
+    CANCELLED,
+    HANDED_OVER,
+    HELD,
+    SINK_FULL,
+    InputConsumer,
+    Outcome,
+    TakenItem,
+    decode_reply,
+)
 from queue_service.keys import WORKER_GROUP
 from queue_service.queues import Queues
 from queue_service.wire import DataFrame
@@ -219,7 +228,7 @@ async def test_renewing_the_lease_keeps_the_item(
 
     for _ in range(3):  # 1.5 s of work, renewed every 0.5 s
         time.sleep(0.5)
-        assert worker.renew(item)
+        assert worker.renew(item) == HELD
         assert other_worker.take(svc) is None
 
     assert worker.finish(item, Outcome(b"done")) == 1
@@ -231,7 +240,7 @@ async def test_renew_and_finish_report_an_item_deleted_while_it_ran(queues: Queu
 
     await queues.remove("echo", "input", [put.index])
 
-    assert worker.renew(item) is False
+    assert worker.renew(item) == CANCELLED
     assert worker.finish(item, Outcome(b"unwanted")) is None
     assert await sink(queues) == []
 
@@ -244,7 +253,7 @@ async def test_renew_reports_an_item_handed_to_another_worker(
     stop_renewing(redis, worker, item, ECHO)
     take(other_worker)
 
-    assert worker.renew(item) is False
+    assert worker.renew(item) == HANDED_OVER
 
 
 async def test_a_released_item_is_taken_at_once_by_another_worker(
@@ -365,7 +374,6 @@ async def test_last_indexes_follow_puts(queues: Queues, worker: InputConsumer) -
     await queues.put(ECHO, "input", b"y", {}, priority=True)
 
     assert worker.last_indexes([ECHO, other]) == {"echo": 2, "other": 0}
-
 
 
 async def test_finish_records_worker_timings_for_metrics(

@@ -1,0 +1,99 @@
+"""LeaseKeeper: the worker's background thread for liveness, leases and interrupting the processor.
+
+A thread, so that a processor busy for an hour keeps its lease; if the whole process stops
+(killed, or stuck in C code holding the GIL) renewals stop and the item lapses to another
+worker. The processor runs in the main thread; when the item is cancelled (deleted while it
+runs), handed over (its lease lapsed while this process stalled), or a stop's grace period ends,
+the keeper interrupts it with SIGUSR1, whose handler raises `Interrupted` in the main thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import redis
+
+from queue_service.config import ServiceConfig
+from queue_service.consumer import HELD, InputConsumer, TakenItem
+
+# A worker counts as live this long after its last heartbeat (sync requests get 503 without one).
+LIVENESS_TTL_SECONDS = 5.0
+HEARTBEAT_INTERVAL_SECONDS = 1.0
+SHUTDOWN = "shutdown"
+
+log = logging.getLogger("rq.worker")
+
+
+class Interrupted(BaseException):
+    """The processor was stopped: `reason` is CANCELLED, HANDED_OVER or SHUTDOWN.
+
+    A BaseException, like KeyboardInterrupt, so a processor's `except Exception` cannot swallow it.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class LeaseKeeper(threading.Thread):
+    def __init__(
+        self,
+        consumer: InputConsumer,
+        services: Sequence[ServiceConfig],
+        shutdown_requested_at: Callable[[], float | None],
+        grace_seconds: float,
+    ) -> None:
+        super().__init__(name="lease-keeper", daemon=True)
+        self.consumer = consumer
+        self.services = list(services)
+        self._lease_of = {s.name: s.queue.lease_seconds for s in services}
+        self.shutdown_requested_at = shutdown_requested_at
+        self.grace_seconds = grace_seconds
+        self.stopping = threading.Event()
+        self.item: TakenItem | None = None
+        self.processing = False  # True only while the processor runs: the only time to interrupt
+        self.reason: str | None = None
+        self._main_thread = threading.main_thread().ident
+
+    def install_interrupt_handler(self) -> None:
+        signal.signal(signal.SIGUSR1, self._on_interrupt)
+
+    def hold(self, item: TakenItem | None) -> None:
+        self.reason = None
+        self.item = item
+
+    def run(self) -> None:
+        last_renew = 0.0
+        while not self.stopping.wait(HEARTBEAT_INTERVAL_SECONDS):
+            try:
+                self.consumer.heartbeat(self.services, LIVENESS_TTL_SECONDS)
+                item = self.item
+                if item is None or self.reason:
+                    continue
+                if self._grace_over():
+                    self._interrupt(SHUTDOWN)
+                    continue
+                if time.monotonic() - last_renew >= self._lease_of[item.service] / 3:
+                    last_renew = time.monotonic()
+                    found = self.consumer.renew(item)
+                    if found != HELD and item is self.item:
+                        self._interrupt(found)
+            except redis.RedisError as exc:  # Redis away: the main loop reports it; keep trying
+                log.debug("lease keeper: %s", exc)
+
+    def _grace_over(self) -> bool:
+        asked = self.shutdown_requested_at()
+        return asked is not None and time.monotonic() - asked > self.grace_seconds
+
+    def _interrupt(self, reason: str) -> None:
+        self.reason = reason
+        if self.processing and self._main_thread is not None:
+            signal.pthread_kill(self._main_thread, signal.SIGUSR1)
+
+    def _on_interrupt(self, signum: int, frame: object) -> None:
+        if self.processing and self.reason:
+            raise Interrupted(self.reason)

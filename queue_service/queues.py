@@ -160,9 +160,7 @@ class Queues:
         qk = queue_keys(service, queue)
         return int(await self.scripts.remove(keys=[qk.high, qk.normal, qk.ids], args=["below", WORKER_GROUP, below]))
 
-    async def search(
-        self, service: str, queue: QueueName, index: int, group: str = WORKER_GROUP
-    ) -> Position | None:
+    async def search(self, service: str, queue: QueueName, index: int, group: str = WORKER_GROUP) -> Position | None:
         """Where an item stands for one consumer group (the workers' group by default)."""
         qk = queue_keys(service, queue)
         found = await self.scripts.search(keys=[qk.high, qk.normal], args=[index, group])

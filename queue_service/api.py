@@ -21,13 +21,14 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from queue_service.admission import RateLimiter
 from queue_service.auth import check_authorization
 from queue_service.config import ServiceConfig, ServicesFile, Settings
 from queue_service.errors import ApiError, error_response
 from queue_service.faults import checkpoint
-from queue_service.keys import QueueName
+from queue_service.keys import WORKER_GROUP, QueueName
 from queue_service.logs import configure_logging
 from queue_service.metrics import Metrics
 from queue_service.params import MAX_LENGTH, MAX_WINDOW, Params
@@ -50,6 +51,7 @@ UID_HEADER = "X-EAS-QueueService-Redis-Uid"
 GID_HEADER = "X-EAS-QueueService-Redis-Gid"
 DEFAULT_GROUP = "eas"
 QUEUE_FULL = 450
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 
 
 class App:
@@ -138,7 +140,9 @@ async def get(request: Request, service_name: str, queue: QueueName) -> Response
     if params.flag("_search_"):
         request.state.operation = "search"
         index = params.integer("_index_", 0, minimum=1)
-        position = await app.queues.search(service.name, queue, index)
+        # The input queue's position is the workers'; the sink's is that of the caller's group.
+        group = WORKER_GROUP if queue == "input" else request.headers.get(GID_HEADER) or DEFAULT_GROUP
+        position = await app.queues.search(service.name, queue, index, group)
         if position is None:
             raise ApiError(404, "no data in stream")
         return JSONResponse(
@@ -182,6 +186,8 @@ async def delete(request: Request, service_name: str, queue: QueueName) -> Respo
     params = Params(request.query_params, allowed={"_indexes_", "_index_", "_trunc_"})
     request.state.operation = "delete"
     if params.flag("_trunc_"):
+        if "_index_" not in request.query_params:
+            raise ApiError(400, "_trunc_=true needs _index_: items below that index are removed")
         await app.queues.truncate(service.name, queue, params.integer("_index_", 0, minimum=1))
     else:
         await app.queues.remove(service.name, queue, params.indexes())
@@ -321,9 +327,20 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
         detail = f"no such path: {request.url.path}"
     elif exc.status_code == 405:
         detail = f"method {request.method} is not allowed on {request.url.path}"
+        return error_response(405, detail, {**(exc.headers or {}), "Allow": ", ".join(allowed_methods(request))})
     else:
         detail = str(exc.detail)
     return error_response(exc.status_code, detail, exc.headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    # Each verb of a queue path is its own route, and Starlette's own Allow names only the first.
+    routes = request.app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
 
 
 async def on_validation_error(request: Request, exc: Exception) -> Response:
@@ -338,7 +355,12 @@ async def on_redis_down(request: Request, exc: Exception) -> Response:
 async def on_internal_error(request: Request, exc: Exception) -> Response:
     request_id = getattr(request.state, "request_id", "")
     log.exception("internal error in %s %s request_id=%s", request.method, request.url.path, request_id)
-    return error_response(500, f"internal error; request id {request_id} identifies it in the server log")
+    # Starlette runs this handler outside every middleware, RequestLog included: set the header here.
+    return error_response(
+        500,
+        f"internal error; request id {request_id} identifies it in the server log",
+        {REQUEST_ID_HEADER: request_id},
+    )
 
 
 # --- factory ------------------------------------------------------------------------------

@@ -2,7 +2,11 @@
 
 The line carries the final status code, 499 included (a sync request whose client left).
 Routes that create a queue item set `request.state.request_id` so the log and the header use
-the item's own id.
+the item's own id. `request.state.received_at` is when the request arrived (monotonic clock):
+the sync path's keepalive counts from there.
+
+A WebSocket (watch) is a request too: its handshake answer carries the header, and its line is
+written when it ends, with 101 if it was accepted, else the status it was refused with.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID_HEADER = "X-Eas-Queueservice-Request-Id"
 log = logging.getLogger("queue_service.access")
+SWITCHING_PROTOCOLS = 101
+HANDSHAKE_REFUSED = 403
+# The messages that start an answer: an HTTP response, a WebSocket accept or handshake refusal.
+_ANSWERS = frozenset({"http.response.start", "websocket.accept", "websocket.http.response.start"})
 
 
 class RequestLog:
@@ -28,21 +36,27 @@ class RequestLog:
         self.on_done = on_done
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         started = time.monotonic()
+        websocket = scope["type"] == "websocket"
+        method = "GET" if websocket else scope["method"]
         state = scope.setdefault("state", {})
         state.setdefault("request_id", str(uuid.uuid4()))
+        state.setdefault("received_at", started)
         status = 500
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
+            if message["type"] in _ANSWERS:
+                status = message.get("status", SWITCHING_PROTOCOLS)
+                message.setdefault("headers", [])
                 headers = MutableHeaders(scope=message)
                 if REQUEST_ID_HEADER.lower() not in headers:
                     headers[REQUEST_ID_HEADER] = state["request_id"]
+            elif message["type"] == "websocket.close" and status == 500:
+                status = HANDSHAKE_REFUSED  # closed before accepting: the server refuses the handshake
             await send(message)
 
         try:
@@ -54,10 +68,10 @@ class RequestLog:
             service = path.split("/")[3] if path.startswith("/api/predict/") and path.count("/") >= 3 else ""
             record = {
                 "request_id": state["request_id"],
-                "method": scope["method"],
+                "method": method,
                 "path": path,
                 "service": service,
-                "operation": state.get("operation", scope["method"].lower()),
+                "operation": state.get("operation", "watch" if websocket else method.lower()),
                 "status": status,
                 "duration_ms": round((time.monotonic() - started) * 1000, 2),
             }

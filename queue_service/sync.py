@@ -21,6 +21,8 @@ from queue_service.queues import QueueFull, Queues
 
 # How often a waiting sync request looks whether its client is still there.
 DISCONNECT_CHECK_SECONDS = 0.5
+# Redis truncates a BLPOP timeout to whole milliseconds and reads 0 as "block forever".
+MIN_BLOCK_SECONDS = 0.01
 CLIENT_CLOSED = 499
 
 
@@ -30,8 +32,9 @@ class SyncCaller:
         self.queues = queues
 
     async def call(self, request: Request, service: ServiceConfig, body: bytes) -> Response:
-        started = time.monotonic()
-        deadline = started + service.rpc.keepalive / 1000
+        # Keepalive covers the whole request: reading the body and admission count too.
+        received_at = getattr(request.state, "received_at", None) or time.monotonic()
+        deadline = received_at + service.rpc.keepalive / 1000
         if await self.queues.live_workers(service.name) == 0:
             raise ApiError(503, f"no healthy upstream: no live worker serves service {service.name!r}")
         try:
@@ -51,7 +54,9 @@ class SyncCaller:
                     + ("; withdrawn from the queue before any worker started it" if withdrawn else ""),
                     {"Connection": "close"},
                 )
-            popped = await self.redis.blpop([reply_key], timeout=min(left, DISCONNECT_CHECK_SECONDS))
+            popped = await self.redis.blpop(
+                [reply_key], timeout=max(MIN_BLOCK_SECONDS, min(left, DISCONNECT_CHECK_SECONDS))
+            )
             if popped is not None:
                 outcome = decode_reply(popped[1])
                 return Response(outcome.body, status_code=outcome.status, media_type=outcome.content_type)

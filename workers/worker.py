@@ -44,6 +44,7 @@ WATCHDOG_EXTRA_SECONDS = 10.0
 # How long a finished item's result is retried while Redis is away, before giving it up to the lease.
 FINISH_RETRY_SECONDS = 300.0
 SINK_FULL_WARNING_INTERVAL = 30.0
+BROKEN_SERVICE_BACKOFF_SECONDS = 5.0
 
 
 class QueueWorker(SimpleWorker):
@@ -75,6 +76,7 @@ class QueueWorker(SimpleWorker):
         )
         self._next_service = 0
         self._sink_full_warned = 0.0
+        self._skip_until: dict[str, float] = {}
 
     def service(self, name: str) -> ServiceConfig:
         return self._by_name[name]
@@ -158,7 +160,15 @@ class QueueWorker(SimpleWorker):
         count = len(self.services)
         for offset in range(count):
             service = self.services[(self._next_service + offset) % count]
-            taken = self.consumer.take(service)
+            if self._skip_until.get(service.name, 0.0) > time.monotonic():
+                continue
+            try:
+                taken = self.consumer.take(service)
+            except redis.ResponseError as exc:
+                # One service's broken keys must not stop the worker serving the others.
+                self._skip_until[service.name] = time.monotonic() + BROKEN_SERVICE_BACKOFF_SECONDS
+                self.log.error("Worker %s: cannot take from %s: %s", self.name, service.name, exc)
+                continue
             if taken == SINK_FULL:
                 if time.monotonic() - self._sink_full_warned > SINK_FULL_WARNING_INTERVAL:
                     self._sink_full_warned = time.monotonic()

@@ -52,6 +52,8 @@ GID_HEADER = "X-EAS-QueueService-Redis-Gid"
 DEFAULT_GROUP = "eas"
 QUEUE_FULL = 450
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+# How long a closing watch waits for its sender to stop before releasing what it holds.
+WATCH_STOP_WAIT_SECONDS = 2.0
 
 
 class App:
@@ -258,8 +260,15 @@ async def watch(websocket: WebSocket, service_name: str, queue: QueueName) -> No
     finally:
         for task in (sender, receiver):
             task.cancel()
+
+        async def release() -> None:
+            # The sender stops first: an item it took meanwhile would stay held until its lease lapsed.
+            # Bounded: a sender that missed its cancellation must not keep the items from being released.
+            await asyncio.wait({sender, receiver}, timeout=WATCH_STOP_WAIT_SECONDS)
+            await watcher.release()
+
         with contextlib.suppress(Exception):
-            await asyncio.shield(watcher.release())
+            await asyncio.shield(release())
         with contextlib.suppress(Exception):
             await websocket.close()
 
@@ -381,6 +390,11 @@ def connect(settings: Settings) -> Redis:
         max_connections=1024,
         timeout=5,
         socket_connect_timeout=2,
+        # No read timeout: long polls block in Redis for up to MAX_BLOCK_SECONDS (redis-py 8 would
+        # time them out at 5 s); keepalive probes and health checks find dead connections instead.
+        socket_timeout=None,
+        socket_keepalive=True,
+        health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
         retry_on_error=[redis.exceptions.ConnectionError],
     )

@@ -17,6 +17,8 @@ from queue_service.embedded_redis import RedisServer, RedisServerError, RedisSer
 WORKER_CLASS = "workers.worker.QueueWorker"
 # A worker that keeps dying is restarted at most this often, so a broken processor cannot spin.
 RESTART_DELAY_SECONDS = 2.0
+# How long workers may take to stop once the embedded Redis is gone: they can hand in nothing more.
+LOST_REDIS_GRACE_SECONDS = 2.0
 
 
 def worker_command(redis_url: str) -> list[str]:
@@ -134,23 +136,31 @@ def up(
                     time.sleep(RESTART_DELAY_SECONDS)
                     workers[i] = subprocess.Popen(worker_command(redis_url), env=env)
     finally:
-        _stop_all([*workers, api])
+        _stop_all([*workers, api], redis_server=redis_server)
         if redis_server is not None:
             redis_server.stop()
 
 
-def _stop_all(processes: list[subprocess.Popen[bytes]], grace: float = 30.0) -> None:
-    """SIGTERM everyone (workers finish the item in hand), then SIGKILL what is left after `grace`."""
+def _stop_all(
+    processes: list[subprocess.Popen[bytes]], grace: float = 30.0, redis_server: RedisServer | None = None
+) -> None:
+    """SIGTERM everyone (workers finish the item in hand), then SIGKILL what is left after `grace`.
+
+    Ctrl-C in a terminal reaches the embedded redis-server too: once it has exited, a worker keeps
+    retrying to write its result to it, so waiting the whole grace would only delay the exit.
+    """
     for process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(process.poll() is None for process in processes):
+        if redis_server is not None and not redis_server.is_running():
+            deadline = min(deadline, time.monotonic() + LOST_REDIS_GRACE_SECONDS)
+        time.sleep(0.05)
     for process in processes:
-        try:
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        if process.poll() is None:
             process.kill()
-            process.wait()
+        process.wait()
 
 
 # The commands for people and scripts (HTTP clients of the API) live in their own module.

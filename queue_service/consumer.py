@@ -27,6 +27,9 @@ HELD, CANCELLED, HANDED_OVER = "held", "cancelled", "handed-over"
 REPLY_TTL_MS = 60_000
 # A release makes an item claimable at once (its idle time jumps past any lease).
 RELEASE_IDLE_MS = 10**12
+# The idle time take.lua asks for right after a Redis restart, when leases cannot be trusted to have
+# lapsed (idle times include the downtime): only released items are that idle.
+RELEASED_ONLY_MS = RELEASE_IDLE_MS // 2
 
 
 @dataclass(slots=True)
@@ -117,6 +120,7 @@ class InputConsumer:
                 1,
                 int(time.time() * 1000),
                 keys.sync_reply(service.name, ""),
+                RELEASED_ONLY_MS,
             ],
         )
         if not taken:

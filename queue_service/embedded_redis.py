@@ -150,9 +150,10 @@ class RedisServer:
         ]  # fmt: skip
         # Errors found before the log file is opened (bad arguments) go to stderr: keep them too.
         with open(self.data_dir / "redis.out", "ab") as out:
-            # Same session as the caller, so Ctrl-C in a terminal reaches redis-server as well.
+            # Its own session: Ctrl-C in a terminal must not stop Redis before the workers have
+            # written the results in hand; the owner stops it last (and atexit on a crash).
             self._process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=False
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
             )
         # Stops it when the interpreter exits normally or on an unhandled exception (a test crash).
         atexit.register(self.stop)

@@ -64,6 +64,7 @@ class Watcher:
                         yield await self._deliver(stream, entry_id, fields)
         pause = COMMIT_POLL_SECONDS[0]
         while True:
+            _stop_if_cancelled()
             held = 0 if self.req.auto_commit else await self._held()
             await self._renew_if_due()
             free = self.req.window - held
@@ -151,6 +152,18 @@ class Watcher:
             ids = await self._held_ids(stream)
             if ids:
                 await self.scripts.lease(keys=[stream], args=[self.req.group, self.req.consumer, 0, *ids])
+
+
+def _stop_if_cancelled() -> None:
+    """Honour a cancellation that a Redis call swallowed, so a closed watch stops holding items.
+
+    On Python 3.11, asyncio.wait_for (redis-py sends each command through it when a socket timeout
+    is set, as redis-py 8 does by default) returns the result and drops the cancellation when both
+    arrive together: the watch of a client that left would otherwise run, and renew, forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _flatten(fields: list | dict) -> list:

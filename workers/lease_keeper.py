@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import redis
 
 from queue_service.config import ServiceConfig
-from queue_service.consumer import HELD, InputConsumer, TakenItem
+from queue_service.consumer import CANCELLED, HANDED_OVER, HELD, InputConsumer, TakenItem
 
 # A worker counts as live this long after its last heartbeat (sync requests get 503 without one).
 LIVENESS_TTL_SECONDS = 5.0
@@ -51,6 +51,9 @@ class LeaseKeeper(threading.Thread):
         self.consumer = consumer
         self.services = list(services)
         self._lease_of = {s.name: s.queue.lease_seconds for s in services}
+        # Each lease is renewed every lease/3: a tick of 1 s would let a 1-2 s lease lapse between two.
+        self._tick = min([HEARTBEAT_INTERVAL_SECONDS, *(lease / 3 for lease in self._lease_of.values())])
+        self._held_at = 0.0  # when the item in hand was last known to be ours
         self.shutdown_requested_at = shutdown_requested_at
         self.grace_seconds = grace_seconds
         self.stopping = threading.Event()
@@ -64,11 +67,12 @@ class LeaseKeeper(threading.Thread):
 
     def hold(self, item: TakenItem | None) -> None:
         self.reason = None
+        self._held_at = time.monotonic()
         self.item = item
 
     def run(self) -> None:
         last_renew = 0.0
-        while not self.stopping.wait(HEARTBEAT_INTERVAL_SECONDS):
+        while not self.stopping.wait(self._tick):
             try:
                 self.consumer.heartbeat(self.services, LIVENESS_TTL_SECONDS)
                 item = self.item
@@ -80,10 +84,20 @@ class LeaseKeeper(threading.Thread):
                 if time.monotonic() - last_renew >= self._lease_of[item.service] / 3:
                     last_renew = time.monotonic()
                     found = self.consumer.renew(item)
-                    if found != HELD and item is self.item:
-                        self._interrupt(found)
+                    if found == HELD:
+                        self._held_at = time.monotonic()
+                    elif item is self.item:
+                        self._interrupt(self._why_gone(found, self._lease_of[item.service]))
             except redis.RedisError as exc:  # Redis away: the main loop reports it; keep trying
                 log.debug("lease keeper: %s", exc)
+
+    def _why_gone(self, found: str, lease: float) -> str:
+        # An item that vanished after our lease had lapsed (this process stalled) may have been
+        # finished by the worker that took it over: only a delete seen while the lease was still
+        # ours is a cancellation, else its 'cancelled' item would be the request's second result.
+        if found == CANCELLED and time.monotonic() - self._held_at >= lease:
+            return HANDED_OVER
+        return found
 
     def _grace_over(self) -> bool:
         asked = self.shutdown_requested_at()

@@ -26,6 +26,7 @@ from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.queue import Queue
 from rq.timeouts import UnixSignalDeathPenalty
+from rq.utils import now as rq_now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from queue_service.config import ServiceConfig, Settings
@@ -43,8 +44,13 @@ IDLE_POLL_SECONDS = 1.0
 WATCHDOG_EXTRA_SECONDS = 10.0
 # How long a finished item's result is retried while Redis is away, before giving it up to the lease.
 FINISH_RETRY_SECONDS = 300.0
+# Longest wait between attempts to reach Redis while it is away: how late a worker notices it is back.
+REDIS_RETRY_MAX_SECONDS = 5.0
 SINK_FULL_WARNING_INTERVAL = 30.0
 BROKEN_SERVICE_BACKOFF_SECONDS = 5.0
+# rq heartbeats after every job and again before the next (check_for_suspension): three round trips per
+# item for a key that lives worker_ttl + 60 s. A plain heartbeat this soon after the last one is skipped.
+RQ_HEARTBEAT_MIN_INTERVAL_SECONDS = 5.0
 
 
 class QueueWorker(SimpleWorker):
@@ -99,6 +105,14 @@ class QueueWorker(SimpleWorker):
             self._stop_asked_at = time.monotonic()
         super().request_stop(signum, frame)
 
+    def _shutdown(self) -> None:
+        # rq raises StopRequested from the signal handler when the worker is idle, wherever the main
+        # thread is: in the middle of take.lua that leaves an item taken and never released (it then
+        # waits out a whole lease, one delivery spent). The wait for work looks at the flag every second.
+        self._stop_requested = True
+        with contextlib.suppress(*REDIS_DOWN):
+            self.set_shutdown_requested_date()
+
     def teardown(self) -> None:
         self.keeper.stopping.set()
         with contextlib.suppress(redis.RedisError):
@@ -108,12 +122,25 @@ class QueueWorker(SimpleWorker):
 
     # rq's own bookkeeping must not end the worker while Redis is away: it reconnects instead.
     def heartbeat(self, *args: Any, **kwargs: Any) -> None:
+        last = self.last_heartbeat
+        recent = last is not None and (rq_now() - last).total_seconds() < RQ_HEARTBEAT_MIN_INTERVAL_SECONDS
+        if recent and not args and not kwargs:
+            return
         with contextlib.suppress(*REDIS_DOWN):
             super().heartbeat(*args, **kwargs)
 
-    def set_state(self, *args: Any, **kwargs: Any) -> None:
+    _state_in_redis: str | None = None  # the state this worker last wrote itself; None = unknown
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        # Not written again when unchanged: rq sets IDLE before each dequeue, and we after each item.
+        if pipeline is None and state == self._state_in_redis:
+            self._state = state
+            return
+        self._state_in_redis = None
         with contextlib.suppress(*REDIS_DOWN):
-            super().set_state(*args, **kwargs)
+            super().set_state(state, pipeline)
+            if pipeline is None:
+                self._state_in_redis = state
 
     def check_for_suspension(self, burst: bool) -> None:
         with contextlib.suppress(*REDIS_DOWN):
@@ -152,8 +179,13 @@ class QueueWorker(SimpleWorker):
                 backoff = 1.0
             except REDIS_DOWN as exc:
                 self.log.error("Worker %s: Redis unreachable (%s), retrying in %.0fs", self.name, exc, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                self._sleep_unless_stopped(backoff)
+                backoff = min(backoff * 2, REDIS_RETRY_MAX_SECONDS)
+
+    def _sleep_unless_stopped(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stop_requested and time.monotonic() < deadline:
+            time.sleep(min(0.1, deadline - time.monotonic()))
 
     def _take_next(self) -> TakenItem | None:
         """One item, trying services round-robin so that one busy service cannot starve another."""

@@ -1,0 +1,1 @@
+"""Benchmarks: our overhead against plain RQ, a direct call and a hello-world route (`python -m bench.run`)."""

@@ -1,0 +1,38 @@
+"""The benchmark runs end to end in its quickest mode and prints its table (timings are not checked)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_smoke_prints_the_table() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    out = done.stdout
+    assert "| # | measurement | unit | ours | baseline | baseline value | ours / baseline | better |" in out
+    for section in ("| 1 |", "| 2 |", "| 3 |", "| 4 |", "| 5 |"):
+        assert section in out, f"no rows of section {section} in:\n{out[-3000:]}"
+    for what in (
+        "sync, 1 client(s)",
+        "delivery to watch",
+        "delivery to long poll",
+        "results end to end",
+        "puts (one API process)",
+        "450 answers",
+        "round trips",
+    ):
+        assert what in out, f"no {what!r} row in:\n{out[-3000:]}"

@@ -39,33 +39,19 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=self.registry,
         )
-        labels = ["service"]
-        self.waiting = Gauge(
-            "queue_service_waiting_items", "Input items waiting for a worker", labels, registry=self.registry
-        )
-        self.in_flight = Gauge(
-            "queue_service_in_flight_items", "Input items held by workers", labels, registry=self.registry
-        )
-        self.oldest_age = Gauge(
-            "queue_service_oldest_waiting_age_seconds",
-            "Age of the oldest item in the input queue",
-            labels,
-            registry=self.registry,
-        )
-        self.live_workers = Gauge(
-            "queue_service_live_workers", "Workers with a recent heartbeat", labels, registry=self.registry
-        )
-        self.sink_items = Gauge(
-            "queue_service_sink_items", "Results waiting in the sink", labels, registry=self.registry
-        )
-        self.backlog_per_worker = Gauge(
-            "queue_service_backlog_per_worker",
-            "Waiting items per live worker (all of them when none): the scaling signal",
-            labels,
-            registry=self.registry,
+        self.waiting = self._service_gauge("waiting_items", "Input items waiting for a worker")
+        self.in_flight = self._service_gauge("in_flight_items", "Input items held by workers")
+        self.oldest_age = self._service_gauge("oldest_waiting_age_seconds", "Age of the oldest item in the input queue")
+        self.live_workers = self._service_gauge("live_workers", "Workers with a recent heartbeat")
+        self.sink_items = self._service_gauge("sink_items", "Results waiting in the sink")
+        self.backlog_per_worker = self._service_gauge(
+            "backlog_per_worker", "Waiting items per live worker (all of them when none): the scaling signal"
         )
         self._histograms: list[HistogramMetricFamily] = []
         self.registry.register(self)  # collect() below adds the Redis-backed histograms
+
+    def _service_gauge(self, name: str, help_: str) -> Gauge:
+        return Gauge(f"queue_service_{name}", help_, ["service"], registry=self.registry)
 
     def observe_request(self, service: str, operation: str, status: int, seconds: float) -> None:
         self.requests.labels(service, operation, str(status)).inc()

@@ -420,3 +420,48 @@ async def test_an_internal_error_is_500_with_the_request_id(server: fakeredis.Fa
 
     assert response.status_code == 500
     assert response.headers[REQUEST_ID] in response.json()["detail"]
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the Prometheus text `text`."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        sample, _, value = line.rpartition(" ")
+        sample_name, _, sample_labels = sample.partition("{")
+        found = ",".join(sorted(sample_labels.rstrip("}").split(","))) if sample_labels else ""
+        if sample_name == name and found == wanted:
+            return float(value)
+    raise AssertionError(f"no sample {name}{{{wanted}}} in /metrics")
+
+
+async def test_metrics_show_queue_state_refusals_and_worker_timings(
+    client: httpx.AsyncClient, worker: InputConsumer
+) -> None:
+    for _ in range(3):
+        await put(client)
+    refused = await client.post(ECHO, content=b"x", headers=AUTH)
+    assert refused.status_code == 450
+    taken = worker.take(SERVICES.by_name["echo"])
+    assert isinstance(taken, TakenItem)
+    worker.finish(taken, Outcome(b"done"), processing_seconds=0.2)
+
+    text = (await client.get("/metrics")).text
+
+    assert metric(text, "queue_service_waiting_items", service="echo") == 2
+    assert metric(text, "queue_service_sink_items", service="echo") == 1
+    assert metric(text, "queue_service_requests_total", service="echo", operation="put", status="200") == 3
+    assert metric(text, "queue_service_requests_total", service="echo", operation="put", status="450") == 1
+    assert metric(text, "queue_service_processing_seconds_count", service="echo") == 1
+    assert metric(text, "queue_service_processing_seconds_bucket", service="echo", le="0.25") == 1
+    assert metric(text, "queue_service_processing_seconds_bucket", service="echo", le="0.1") == 0
+    assert metric(text, "queue_service_oldest_waiting_age_seconds", service="echo") >= 0
+
+
+async def test_metrics_do_not_grow_a_label_per_unknown_service_name(client: httpx.AsyncClient) -> None:
+    await client.post("/api/predict/no-such-service", content=b"x", headers=AUTH)
+    assert "no-such-service" not in (await client.get("/metrics")).text

@@ -32,7 +32,7 @@ from queue_service.keys import WORKER_GROUP, QueueName
 from queue_service.logs import configure_logging
 from queue_service.metrics import Metrics
 from queue_service.params import MAX_LENGTH, MAX_WINDOW, Params
-from queue_service.queues import QueueFull, Queues, queue_keys
+from queue_service.queues import MAX_BLOCK_SECONDS, QueueFull, Queues, queue_keys
 from queue_service.request_log import REQUEST_ID_HEADER, RequestLog
 from queue_service.sync import SyncCaller
 from queue_service.watch import Watcher, WatchRequest
@@ -390,12 +390,14 @@ def connect(settings: Settings) -> Redis:
         max_connections=1024,
         timeout=5,
         socket_connect_timeout=2,
-        # No read timeout: long polls block in Redis for up to MAX_BLOCK_SECONDS (redis-py 8 would
-        # time them out at 5 s); keepalive probes and health checks find dead connections instead.
-        socket_timeout=None,
+        # Read timeout above the longest blocking call (long polls block up to MAX_BLOCK_SECONDS):
+        # a frozen Redis gets 503, never a hang.
+        socket_timeout=MAX_BLOCK_SECONDS + 2,
         socket_keepalive=True,
         health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        # Reconnect on a dropped connection, but never resend on a timeout (put.lua is also
+        # idempotent per request id, so a resend after a lost answer stores nothing twice).
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3, supported_errors=(redis.exceptions.ConnectionError,)),
         retry_on_error=[redis.exceptions.ConnectionError],
     )
     return Redis(connection_pool=pool)

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from queue_service import keys
+from queue_service.consumer import RELEASED_ONLY_MS
 from queue_service.keys import QueueKeys
 from queue_service.queues import frame_from_entry
 from queue_service.scripts import Scripts
@@ -116,7 +117,17 @@ class Watcher:
         qk = self.req.queue
         taken = await self.scripts.take(
             keys=[qk.high, qk.normal, qk.ids, qk.high, qk.normal, qk.seq, qk.ids],
-            args=[self.req.group, self.req.consumer, LEASE_MS, 0, 0, want, int(time.time() * 1000), ""],
+            args=[
+                self.req.group,
+                self.req.consumer,
+                LEASE_MS,
+                0,
+                0,
+                want,
+                int(time.time() * 1000),
+                "",
+                RELEASED_ONLY_MS,
+            ],
         )
         return [(stream, entry_id, flat) for stream, entry_id, flat, _ in taken or []]
 

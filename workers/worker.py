@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import math
+import signal
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -266,16 +267,18 @@ class QueueWorker(SimpleWorker):
             # needs no GIL) ends the process if the processor is stuck in C code, so that the
             # supervisor replaces it and the lease hands the item to another worker.
             faulthandler.dump_traceback_later(limit + WATCHDOG_EXTRA_SECONDS, exit=True)
-            try:
-                with UnixSignalDeathPenalty(math.ceil(limit), ProcessingTimeout):
-                    return run_item(processor, item)
-            finally:
-                faulthandler.cancel_dump_traceback_later()
+            with UnixSignalDeathPenalty(math.ceil(limit), ProcessingTimeout):
+                return run_item(processor, item)
         except ProcessingTimeout:
             message = f"processing took longer than queue.max_processing_seconds={limit:g}"
             return Outcome(body=message.encode(), status=408, content_type="text/plain; charset=utf-8", message=message)
         finally:
+            # No interrupt comes once `processing` is off; then both timers are disarmed here, even
+            # when an interrupt (a cancel, the grace period) cut the death penalty's own exit short:
+            # a stray SIGALRM would end the worker's loop, a stray watchdog the process.
             self.keeper.processing = False
+            signal.alarm(0)
+            faulthandler.cancel_dump_traceback_later()
 
     def _interrupted(self, item: TakenItem, reason: str) -> None:
         if reason == CANCELLED:

@@ -4,6 +4,10 @@
 -- ARGV: data, tags_json, request_id, ts_ms, priority(1|0), bound(0 = none),
 --       bound_mode(waiting|length), worker_group, reply(''|'1')
 local bound, mode, group = tonumber(ARGV[6]), ARGV[7], ARGV[8]
+-- Idempotent per request id: a client library that resends after a lost answer gets the same
+-- index instead of a second copy of the item.
+local existing = redis.call('HGET', KEYS[4], ARGV[3])
+if existing then return tonumber(existing) end
 local used = 0
 for i = 1, 2 do
   used = used + redis.call('XLEN', KEYS[i])

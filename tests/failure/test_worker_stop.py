@@ -1,0 +1,52 @@
+"""Promise 2: a worker stopped with SIGTERM finishes the request in hand, takes no new ones and exits 0."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.failure.harness import Stack, wait_until
+
+pytestmark = pytest.mark.integration
+
+GRACE_SECONDS = 2
+
+
+def test_sigterm_finishes_the_request_in_hand_takes_no_new_one_and_exits_0(stack: Stack) -> None:
+    stack.start_api()
+    worker = stack.start_worker("work")
+    in_hand = stack.put("work", sleep=3).token
+    wait_until(stack.running, 10, "the request started")
+    queued = [stack.put("work", sleep=0.1).token for _ in range(3)]
+    stack.terminate(worker)
+    stopped_at = time.time()
+    assert worker.wait(15) == 0
+    runs = stack.runs()
+    assert [run.outcome for run in runs[in_hand]] == ["ok"]
+    assert runs[in_hand][0].ended > stopped_at  # it went on after the signal
+    assert not any(token in runs for token in queued)  # and took nothing new
+    stack.start_worker("work")
+    stack.wait_settled(15)
+    assert stack.audit() == {200: 4}
+
+
+def test_sigterm_past_the_grace_period_hands_the_request_back_and_exits_0(stack: Stack) -> None:
+    stack.start_api()
+    env = {"QS_SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS)}
+    worker = stack.start_worker("work", env=env)
+    token = stack.put("work", sleep=0.1, once=str(stack.tmp_path / "first"), first={"sleep": 60}).token
+    wait_until(stack.running, 10, "the request started")
+    other = stack.start_worker("work")
+    stack.terminate(worker)
+    stopped_at = time.time()
+    assert worker.wait(GRACE_SECONDS + 10) == 0
+    exited_at = time.time()
+    assert exited_at - stopped_at < GRACE_SECONDS + 3
+    stack.wait_settled(10)
+    first, second = stack.runs()[token]
+    assert (first.pid, first.outcome) == (worker.pid, "raised")  # stopped at the end of the grace period
+    assert (second.pid, second.outcome) == (other.pid, "ok")
+    # Handed back, not left to lapse: the other worker took it at once (its lease is 3 s).
+    assert second.started - exited_at < 1.5
+    assert stack.audit() == {200: 1}

@@ -11,9 +11,8 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,20 +27,10 @@ from queue_service.keys import WORKER_GROUP
 from queue_service.request_log import REQUEST_ID_HEADER
 from tests.failure.processors import CALLS_ENV
 from tests.support.processes import ManagedProcess, start_api, start_worker
+from tests.support.waiting import wait_until
 
 T = TypeVar("T")
 CHAOS = "tests.failure.processors:Chaos"
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} within {timeout:g} s")
-        time.sleep(interval)
 
 
 @dataclass

@@ -5,8 +5,7 @@ Every process writes its log under the test's tmp_path; a failed test prints the
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,6 +18,7 @@ from queue_service import keys
 from queue_service.config import load_services
 from tests.conftest import ServicesFileFactory
 from tests.support.processes import ManagedProcess, start_api, start_worker
+from tests.support.waiting import wait_until
 
 ECHO = "workers.examples:Echo"
 SLEEP = "workers.examples:Sleep"
@@ -30,17 +30,6 @@ STANDARD_SERVICES: list[dict[str, Any]] = [
 ]
 REQUEST_ID = "X-Eas-Queueservice-Request-Id"
 STOP_GRACE_SECONDS = 2.0
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll `predicate` until it returns something true; return that, or fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not {what} within {timeout:g} s")
 
 
 def stop_all(processes: list[ManagedProcess]) -> None:

@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -35,6 +35,7 @@ from queue_service.embedded_redis import RedisServer
 from queue_service.request_log import REQUEST_ID_HEADER
 from tests.support.eas import run_eas
 from tests.support.processes import ManagedProcess, start_api, start_worker, write_services
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -71,16 +72,6 @@ WORKERS: dict[str, list[str]] = {
     "load-1": ["load"],
     "load-2": ["load"],
 }
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not {what} within {timeout:g} s")
 
 
 def has_request_id(response: httpx.Response) -> None:

@@ -12,20 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-_DEFAULT_EAS_PYTHON = Path("/work/easvenv/bin/python")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EAS_VENV = REPO_ROOT / ".cache" / "eas-venv"
 _READY_MARKER = EAS_VENV / ".ready"
-
-
-def eas_python() -> str | None:
-    """The Python that can import ``eas_prediction``: $QS_EAS_PYTHON, else the default venv, else None."""
-    configured = os.environ.get("QS_EAS_PYTHON")
-    if configured:
-        return configured
-    if _DEFAULT_EAS_PYTHON.exists():
-        return str(_DEFAULT_EAS_PYTHON)
-    return None
 
 
 def _isolated_env() -> dict[str, str]:

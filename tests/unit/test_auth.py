@@ -16,7 +16,6 @@ import pytest
 from starlette.datastructures import Headers
 
 from queue_service.auth import check_authorization
-from tests.support.eas import eas_python
 
 TOKEN = "s3cret-token"
 PATH = "/api/predict/echo/sync"
@@ -162,10 +161,8 @@ _OFFICIAL_SIDE = textwrap.dedent(
 )
 
 
-def test_official_client_signature_is_accepted() -> None:
-    python = eas_python()
-    if python is None:
-        pytest.skip("no Python with eas_prediction installed (set QS_EAS_PYTHON or create /work/easvenv)")
+def test_official_client_signature_is_accepted(eas_python: str) -> None:
+    python = eas_python
     # The client formats local time as GMT: it signs correctly only on a UTC machine.
     env = {**os.environ, "TZ": "UTC"}
 

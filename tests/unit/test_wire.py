@@ -11,7 +11,6 @@ import pytest
 
 from queue_service import wire
 from queue_service.wire import DataFrame
-from tests.support.eas import eas_python
 
 BINARY = bytes(range(256)) + b"\xff\xfe\x00\x80"  # not UTF-8: payloads may be any bytes
 
@@ -115,10 +114,8 @@ _OFFICIAL_SIDE = textwrap.dedent(
 )
 
 
-def test_bytes_are_compatible_with_the_official_client() -> None:
-    python = eas_python()
-    if python is None:
-        pytest.skip("no Python with eas_prediction installed (set QS_EAS_PYTHON or create /work/easvenv)")
+def test_bytes_are_compatible_with_the_official_client(eas_python: str) -> None:
+    python = eas_python
     frame = DataFrame(index=9, tags={"requestId": "r-9", "名前": "值"}, data=BINARY, message="ok")
     frames = [frame, DataFrame(index=10, tags={}, data=b"\x00")]
     ours = {

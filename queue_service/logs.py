@@ -8,16 +8,16 @@ import sys
 
 def configure_logging(level: int = logging.INFO) -> None:
     """Attach stderr handlers once; a host application that configured logging keeps its own."""
-    access = logging.getLogger("queue_service.access")
-    if not access.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        access.addHandler(handler)
-        access.setLevel(level)
-        access.propagate = False
-    root = logging.getLogger("queue_service")
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(level)
+    # The access log's messages are JSON already: print them bare, and not again via the parent.
+    _attach(logging.getLogger("queue_service.access"), "%(message)s", level, propagate=False)
+    _attach(logging.getLogger("queue_service"), "%(asctime)s %(levelname)s %(name)s: %(message)s", level)
+
+
+def _attach(logger: logging.Logger, fmt: str, level: int, propagate: bool = True) -> None:
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = propagate

@@ -83,14 +83,25 @@ def item_from_entry(service: str, stream: bytes | str, entry_id: bytes | str, fl
     )
 
 
-def encode_reply(outcome: Outcome) -> bytes:
-    """A sync answer as one list element: status, content type, body."""
-    return f"{outcome.status}\n{outcome.content_type}\n".encode() + outcome.body
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A sync answer as the API reads it, with the worker's timings for the request's log line."""
+
+    outcome: Outcome
+    queue_wait: float = 0.0
+    processing: float = 0.0
 
 
-def decode_reply(raw: bytes) -> Outcome:
-    status, content_type, body = raw.split(b"\n", 2)
-    return Outcome(body=body, status=int(status), content_type=content_type.decode())
+def encode_reply(outcome: Outcome, queue_wait: float = 0.0, processing: float = 0.0) -> bytes:
+    """A sync answer as one list element: status, content type, timings (s), body."""
+    head = f"{outcome.status}\n{outcome.content_type}\n{queue_wait:.6f} {processing:.6f}\n"
+    return head.encode() + outcome.body
+
+
+def decode_reply(raw: bytes) -> Reply:
+    status, content_type, timings, body = raw.split(b"\n", 3)
+    queue_wait, processing = (float(part) for part in timings.split())
+    return Reply(Outcome(body=body, status=int(status), content_type=content_type.decode()), queue_wait, processing)
 
 
 class InputConsumer:
@@ -160,7 +171,7 @@ class InputConsumer:
         """
         qi, qs = keys.input_queue(item.service), keys.sink_queue(item.service)
         if item.sync_reply:
-            mode, payload = "reply", encode_reply(outcome)
+            mode, payload = "reply", encode_reply(outcome, item.queue_wait, processing_seconds)
         elif outcome.body or outcome.status != 200:
             mode, payload = "sink", outcome.body
         else:

@@ -58,7 +58,12 @@ class SyncCaller:
                 [reply_key], timeout=max(MIN_BLOCK_SECONDS, min(left, DISCONNECT_CHECK_SECONDS))
             )
             if popped is not None:
-                outcome = decode_reply(popped[1])
+                reply = decode_reply(popped[1])
+                request.state.log_extra = {
+                    "queue_wait_ms": round(reply.queue_wait * 1000, 2),
+                    "processing_ms": round(reply.processing * 1000, 2),
+                }
+                outcome = reply.outcome
                 return Response(outcome.body, status_code=outcome.status, media_type=outcome.content_type)
             if await request.is_disconnected():
                 withdrawn = await self.queues.withdraw(service.name, put.index)

@@ -42,7 +42,7 @@ local function give_up(stream, id, deliveries)
   local msg = 'given up after ' .. deliveries .. ' deliveries: the worker holding it stopped each time'
   if f['reply'] then
     local key = ARGV[8] .. f['rid']
-    redis.call('RPUSH', key, '500\ntext/plain; charset=utf-8\n' .. msg)
+    redis.call('RPUSH', key, '500\ntext/plain; charset=utf-8\n0 0\n' .. msg)
     redis.call('PEXPIRE', key, 60000)
   else
     local tags = cjson.decode(f['tags'])

@@ -208,6 +208,10 @@ def test_200_sync_answers_with_the_processor_output(stack: Stack) -> None:
     request_id = echoed.headers[REQUEST_ID_HEADER]
     assert stack.worker_ran(request_id)
     assert [r["status"] for r in stack.log_lines(request_id)] == [200]
+    # The request's one log line splits its time: waiting in the queue, then in the processor.
+    [slept_line] = stack.log_lines(slept.headers[REQUEST_ID_HEADER])
+    assert slept_line["processing_ms"] >= 10
+    assert 0 <= slept_line["queue_wait_ms"] < slept_line["duration_ms"]
 
 
 # --- 400 ----------------------------------------------------------------------------------

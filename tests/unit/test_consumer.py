@@ -168,12 +168,13 @@ async def test_a_sync_item_is_answered_in_its_reply_list_never_the_sink(
     item = take(worker)
     assert item.sync_reply
 
-    worker.finish(item, Outcome(b"answer", status=201, content_type="text/plain"))
+    worker.finish(item, Outcome(b"answer", status=201, content_type="text/plain"), processing_seconds=0.25)
 
     reply_key = keys.sync_reply("echo", put.request_id)
-    assert [decode_reply(raw) for raw in redis.lrange(reply_key, 0, -1)] == [
-        Outcome(b"answer", status=201, content_type="text/plain")
-    ]
+    [reply] = [decode_reply(raw) for raw in redis.lrange(reply_key, 0, -1)]
+    assert reply.outcome == Outcome(b"answer", status=201, content_type="text/plain")
+    assert reply.processing == 0.25  # for the API's log line of this request
+    assert 0 <= reply.queue_wait < 5
     assert 0 < redis.pttl(reply_key) <= 60_000  # an answer nobody picks up expires
     assert await sink(queues) == []
     assert await input_items(queues) == []
@@ -187,7 +188,7 @@ async def test_a_sync_item_with_an_empty_answer_is_still_answered(
     worker.finish(take(worker), Outcome(b""))
 
     (raw,) = redis.lrange(keys.sync_reply("echo", put.request_id), 0, -1)
-    assert decode_reply(raw) == Outcome(b"", status=200)
+    assert decode_reply(raw).outcome == Outcome(b"", status=200)
 
 
 # --- leases -------------------------------------------------------------------------------
@@ -334,7 +335,7 @@ async def test_a_sync_item_given_up_gets_a_500_reply(
     assert worker.take(svc) is None
 
     (raw,) = redis.lrange(keys.sync_reply("echo", put.request_id), 0, -1)
-    reply = decode_reply(raw)
+    reply = decode_reply(raw).outcome
     assert reply.status == 500
     assert b"given up after 1 deliveries" in reply.body
     assert await sink(queues) == []

@@ -307,7 +307,7 @@ async def healthz() -> JSONResponse:
 
 async def metrics(request: Request) -> Response:
     app = state(request)
-    await app.metrics.refresh(app.redis, app.services)
+    await app.metrics.refresh(app.queues, app.services)
     body, content_type = app.metrics.render()
     return Response(body, media_type=content_type)
 

@@ -7,17 +7,14 @@ they are read from Redis, where every worker records its timings (`consumer.fini
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import HistogramMetricFamily
-from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from queue_service import keys
 from queue_service.config import ServicesFile
-from queue_service.keys import WORKER_GROUP
+from queue_service.queues import Queues
 from queue_service.timings import HISTOGRAMS, bucket_bounds
 
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -63,7 +60,7 @@ class Metrics:
     def describe(self):  # type: ignore[no-untyped-def]
         return []
 
-    async def refresh(self, redis: Redis, services: ServicesFile) -> None:
+    async def refresh(self, queues: Queues, services: ServicesFile) -> None:
         """Read the queue state of every service from Redis (called per scrape)."""
         now = time.time()
         histograms = {
@@ -71,31 +68,15 @@ class Metrics:
             for name, help_ in HISTOGRAMS.items()
         }
         for service in services.services:
-            qi, qs = keys.input_queue(service.name), keys.sink_queue(service.name)
-            async with redis.pipeline(transaction=False) as pipe:
-                pipe.xlen(qi.high)
-                pipe.xlen(qi.normal)
-                pipe.xlen(qs.high)
-                pipe.xlen(qs.normal)
-                pipe.zcount(keys.live_workers(service.name), now, "+inf")
-                pipe.xrange(qi.high, count=1)
-                pipe.xrange(qi.normal, count=1)
-                pipe.hgetall(keys.timings(service.name))
-                high, normal, sink_high, sink_normal, workers, first_high, first_normal, stats = await pipe.execute()
-            held = 0
-            for stream in qi.streams:
-                with contextlib.suppress(ResponseError):  # no group yet: nothing held
-                    held += int((await redis.xpending(stream, WORKER_GROUP))["pending"])
-            length = int(high) + int(normal)
-            waiting = max(0, length - held)
-            put_times = [int(e[0][1][b"ts"]) / 1000 for e in (first_high, first_normal) if e and b"ts" in e[0][1]]
             name = service.name
-            self.waiting.labels(name).set(waiting)
-            self.in_flight.labels(name).set(held)
-            self.oldest_age.labels(name).set(max(0.0, now - min(put_times)) if put_times else 0)
-            self.live_workers.labels(name).set(int(workers))
-            self.sink_items.labels(name).set(int(sink_high) + int(sink_normal))
-            self.backlog_per_worker.labels(name).set(waiting / int(workers) if int(workers) else waiting)
+            inputs, sink = await queues.state(name, "input"), await queues.state(name, "sink")
+            stats = await queues.redis.hgetall(keys.timings(name))
+            self.waiting.labels(name).set(inputs.waiting)
+            self.in_flight.labels(name).set(inputs.in_flight)
+            self.oldest_age.labels(name).set(max(0.0, now - inputs.oldest_put) if inputs.oldest_put else 0)
+            self.live_workers.labels(name).set(inputs.live_workers)
+            self.sink_items.labels(name).set(sink.length)
+            self.backlog_per_worker.labels(name).set(inputs.backlog_per_worker)
             decoded = {k.decode(): float(v) for k, v in stats.items()}
             for hist_name, family in histograms.items():
                 cumulative, buckets = 0.0, []

@@ -6,6 +6,7 @@ Knows Redis, knows nothing of HTTP. Each operation that must be atomic is one Lu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -13,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from queue_service import keys
 from queue_service.config import ServiceConfig
@@ -32,6 +34,29 @@ class QueueFull(Exception):
 class PutResult:
     index: int
     request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    """A queue at one moment: what attributes and metrics report."""
+
+    length: int  # items in both streams
+    in_flight: int  # items held by workers (input queue only)
+    first_index: int  # 0 when empty
+    last_index: int
+    last_given: int  # the last index ever given out
+    oldest_put: float | None  # unix time the first item was put
+    live_workers: int
+
+    @property
+    def waiting(self) -> int:
+        # max: length and in_flight are read one after the other, and a take may fall between.
+        return max(0, self.length - self.in_flight)
+
+    @property
+    def backlog_per_worker(self) -> float:
+        """Waiting items per live worker; all of them when none is live."""
+        return self.waiting / self.live_workers if self.live_workers else float(self.waiting)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,24 +197,36 @@ class Queues:
     async def live_workers(self, service: str) -> int:
         return int(await self.redis.zcount(keys.live_workers(service), time.time(), "+inf"))
 
-    async def attributes(self, service: ServiceConfig, queue: QueueName) -> dict[str, str]:
-        """The queue's attributes, as the platform names them (all values are strings)."""
-        qk = queue_keys(service.name, queue)
+    async def state(self, service: str, queue: QueueName) -> QueueState:
+        """One snapshot of a queue, read in one pipeline (plus the workers' pending counts)."""
+        qk = queue_keys(service, queue)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xlen(qk.high)
             pipe.xlen(qk.normal)
             pipe.xrange(qk.high, count=1)
             pipe.xrange(qk.normal, count=1)
-            pipe.xrevrange(qk.normal, count=1)
             pipe.xrevrange(qk.high, count=1)
+            pipe.xrevrange(qk.normal, count=1)
             pipe.get(qk.seq)
-            high_len, normal_len, first_high, first_normal, last_normal, last_high, seq = await pipe.execute()
-        length = int(high_len) + int(normal_len)
-        firsts = [keys.index_of(e[0][0]) for e in (first_high, first_normal) if e]
+            pipe.zcount(keys.live_workers(service), time.time(), "+inf")
+            high_len, normal_len, first_high, first_normal, last_high, last_normal, seq, workers = await pipe.execute()
+        firsts = [e[0] for e in (first_high, first_normal) if e]
         lasts = [keys.index_of(e[0][0]) for e in (last_high, last_normal) if e]
-        in_flight = await self._pending(qk) if queue == "input" else 0
-        workers = await self.live_workers(service.name)
-        waiting = length - in_flight
+        put_times = [int(fields[b"ts"]) / 1000 for _, fields in firsts if b"ts" in fields]
+        return QueueState(
+            length=int(high_len) + int(normal_len),
+            in_flight=await self._pending(qk) if queue == "input" else 0,
+            first_index=min(keys.index_of(entry_id) for entry_id, _ in firsts) if firsts else 0,
+            last_index=max(lasts) if lasts else 0,
+            last_given=int(seq or 0),
+            oldest_put=min(put_times) if put_times else None,
+            live_workers=int(workers),
+        )
+
+    async def attributes(self, service: ServiceConfig, queue: QueueName) -> dict[str, str]:
+        """The queue's attributes, as the platform names them (all values are strings)."""
+        state = await self.state(service.name, queue)
+        workers = state.live_workers
         bound = service.rpc.max_queue_size if queue == "input" else service.queue.sink.max_length
         attrs = {
             "meta.name": f"{service.name}" if queue == "input" else f"{service.name}/sink",
@@ -198,20 +235,20 @@ class Queues:
             "meta.header.user": "X-EAS-QueueService-Redis-Uid",
             "meta.header.group": "X-EAS-QueueService-Redis-Gid",
             "meta.header.priority": "_priority_",
-            "stream.length": str(length),
+            "stream.length": str(state.length),
             "stream.approxMaxLength": str(bound),
-            "stream.firstEntry": str(min(firsts)) if firsts else "0",
-            "stream.lastEntry": str(max(lasts)) if lasts else "0",
-            "stream.lastIndex": str(int(seq or 0)),
+            "stream.firstEntry": str(state.first_index),
+            "stream.lastEntry": str(state.last_index),
+            "stream.lastIndex": str(state.last_given),
             "consumers.stats.total": str(workers),
         }
         if queue == "input":
             attrs |= {
-                "stream.waiting": str(waiting),
-                "stream.inFlight": str(in_flight),
+                "stream.waiting": str(state.waiting),
+                "stream.inFlight": str(state.in_flight),
                 "workers.live": str(workers),
                 # The autoscaling signal: backlog per live worker (all of it when none serve).
-                "workers.backlogPerWorker": f"{waiting / workers:.2f}" if workers else str(waiting),
+                "workers.backlogPerWorker": f"{state.backlog_per_worker:.2f}" if workers else str(state.waiting),
             }
             if workers == 0:
                 attrs["meta.state"] = "NoWorker"
@@ -220,9 +257,6 @@ class Queues:
     async def _pending(self, qk: QueueKeys) -> int:
         total = 0
         for stream in qk.streams:
-            try:
-                summary = await self.redis.xpending(stream, WORKER_GROUP)
-            except Exception:  # no stream or no group yet: nothing in flight
-                continue
-            total += int(summary["pending"])
+            with contextlib.suppress(ResponseError):  # no stream or no group yet: nothing in flight
+                total += int((await self.redis.xpending(stream, WORKER_GROUP))["pending"])
         return total

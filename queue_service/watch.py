@@ -19,14 +19,13 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from queue_service import keys
-from queue_service.consumer import RELEASED_ONLY_MS
+from queue_service.consumer import RELEASE_IDLE_MS, RELEASED_ONLY_MS
 from queue_service.keys import QueueKeys
 from queue_service.queues import frame_from_entry
 from queue_service.scripts import Scripts
 from queue_service.wire import DataFrame
 
 LEASE_MS = 10_000
-RELEASE_IDLE_MS = 10**12
 # Longest wait on Redis for new items before re-checking the window and the connection.
 IDLE_WAIT_MS = 1000
 # While the window is full, how often to look whether the client has committed.
@@ -62,7 +61,7 @@ class Watcher:
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     if fields:  # a held entry deleted meanwhile comes back empty
-                        yield await self._deliver(stream, entry_id, fields)
+                        yield self._frame(entry_id, fields)
         pause = COMMIT_POLL_SECONDS[0]
         while True:
             _stop_if_cancelled()
@@ -78,7 +77,7 @@ class Watcher:
             taken = await self._take(free)
             for stream, entry_id, flat in taken:
                 if self._matches(flat):
-                    yield await self._deliver(stream, entry_id, flat)
+                    yield self._frame(entry_id, flat)
                 else:  # not for this consumer's filter: this group is done with it
                     await self.redis.xack(stream, self.req.group, entry_id)
             if not taken:
@@ -100,7 +99,7 @@ class Watcher:
             qk = self.req.queue
             await self.scripts.remove(keys=[qk.high, qk.normal, qk.ids], args=["indexes", self.req.group, frame.index])
 
-    async def _deliver(self, stream: bytes | str, entry_id: bytes, flat: list) -> DataFrame:
+    def _frame(self, entry_id: bytes, flat: list | dict) -> DataFrame:
         frame = frame_from_entry(entry_id, _flatten(flat))
         if self.req.index_only:
             frame.data = b""

@@ -160,14 +160,11 @@ class QueueWorker(SimpleWorker):
         self.procline("Listening on " + ",".join(self.queue_names()))
         idle_since = time.monotonic()
         backoff = 1.0
-        last_rq_heartbeat = 0.0
         while True:
             if self._stop_requested:
                 raise StopRequested()
             try:
-                if time.monotonic() - last_rq_heartbeat > 10:
-                    self.heartbeat()
-                    last_rq_heartbeat = time.monotonic()
+                self.heartbeat()  # throttled by heartbeat() itself
                 last = self.consumer.last_indexes(self.services)
                 item = self._take_next()
                 if item is not None:

@@ -118,10 +118,7 @@ async def put(request: Request, service_name: str, queue: QueueName) -> Response
     if queue == "input":
         await app.rate.admit(service)
     checkpoint("put.admitted")
-    try:
-        result = await app.queues.put(service, queue, body, params.tags(), priority=params.flag("_priority_"))
-    except QueueFull as exc:
-        raise ApiError(QUEUE_FULL, str(exc)) from None
+    result = await app.queues.put(service, queue, body, params.tags(), priority=params.flag("_priority_"))
     checkpoint("put.stored")
     request.state.request_id = result.request_id
     return PlainTextResponse(str(result.index), headers={REQUEST_ID_HEADER: result.request_id})
@@ -356,6 +353,11 @@ async def on_validation_error(request: Request, exc: Exception) -> Response:
     return error_response(400, f"malformed request: {exc}")
 
 
+async def on_queue_full(request: Request, exc: Exception) -> Response:
+    # One mapping for both paths: an async put and a sync request compete for the same bound.
+    return error_response(QUEUE_FULL, str(exc))
+
+
 async def on_redis_down(request: Request, exc: Exception) -> Response:
     log.warning("redis unavailable: %s", exc)
     return error_response(503, "queue storage (Redis) is unreachable; retry later", {"Retry-After": "1"})
@@ -430,6 +432,7 @@ def create_app(
     app.add_api_route("/readyz", readyz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(QueueFull, on_queue_full)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(redis.exceptions.ConnectionError, on_redis_down)

@@ -17,7 +17,7 @@ from queue_service import keys
 from queue_service.config import ServiceConfig
 from queue_service.consumer import decode_reply
 from queue_service.errors import ApiError
-from queue_service.queues import QueueFull, Queues
+from queue_service.queues import Queues
 
 # How often a waiting sync request looks whether its client is still there.
 DISCONNECT_CHECK_SECONDS = 0.5
@@ -37,10 +37,7 @@ class SyncCaller:
         deadline = received_at + service.rpc.keepalive / 1000
         if await self.queues.live_workers(service.name) == 0:
             raise ApiError(503, f"no healthy upstream: no live worker serves service {service.name!r}")
-        try:
-            put = await self.queues.put(service, "input", body, {}, sync_reply=True)
-        except QueueFull as exc:
-            raise ApiError(450, str(exc)) from None
+        put = await self.queues.put(service, "input", body, {}, sync_reply=True)  # QueueFull: 450
         request.state.request_id = put.request_id
         reply_key = keys.sync_reply(service.name, put.request_id)
         while True:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from queue_service.client_cli import attrs, get, health, put, watch
 from queue_service.config import ConfigError, load_services
 from queue_service.embedded_redis import RedisServer, RedisServerError, RedisServerNotFound
 
@@ -43,6 +44,11 @@ def api_command(host: str, port: int) -> list[str]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """queue-service: asynchronous inference queues on Redis streams, served by rq workers."""
+
+
+# The commands for people and scripts (HTTP clients of the API) live in their own module.
+for command in (put, get, watch, attrs, health):
+    main.add_command(command)
 
 
 @main.command()
@@ -146,8 +152,9 @@ def _stop_all(
 ) -> None:
     """SIGTERM everyone (workers finish the item in hand), then SIGKILL what is left after `grace`.
 
-    Ctrl-C in a terminal reaches the embedded redis-server too: once it has exited, a worker keeps
-    retrying to write its result to it, so waiting the whole grace would only delay the exit.
+    The embedded redis-server runs in its own session, so Ctrl-C does not stop it first; but if it
+    is gone anyway (killed), a worker would keep retrying to write its result to it, and waiting the
+    whole grace would only delay the exit.
     """
     for process in processes:
         if process.poll() is None:
@@ -161,16 +168,6 @@ def _stop_all(
         if process.poll() is None:
             process.kill()
         process.wait()
-
-
-# The commands for people and scripts (HTTP clients of the API) live in their own module.
-from queue_service.client_cli import attrs, get, health, put, watch  # noqa: E402
-
-main.add_command(put)
-main.add_command(get)
-main.add_command(watch)
-main.add_command(attrs)
-main.add_command(health)
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def start_worker(
     worker_class: str = WORKER_CLASS,
     log_dir: str | Path | None = None,
 ) -> ManagedProcess:
-    """Run `rq worker` for `services`; return it once it is registered in Redis under `name`."""
+    """Run `rq worker` for `services`; return it once it is registered under `name` and listening."""
     name = name or f"qs-test-worker-{uuid.uuid4().hex[:8]}"
     argv = [
         sys.executable, "-m", "rq.cli", "worker",
@@ -197,14 +197,17 @@ def start_worker(
     worker_key = Worker.redis_worker_namespace_prefix + name
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
 
-    def registered() -> bool:
+    def listening() -> bool:
+        # Registered is not enough: rq registers the worker before it installs its SIGTERM handler,
+        # and a stop in between kills it unregistered. Its first IDLE state comes after the handler.
         try:
-            return bool(client.sismember(REDIS_WORKER_KEYS, worker_key))
+            registered = client.sismember(REDIS_WORKER_KEYS, worker_key)
+            return bool(registered) and client.hget(worker_key, "state") in (b"idle", b"busy")
         except redis.RedisError:
             return False
 
     try:
-        wait_until_ready(process, registered, timeout, "registered in rq:workers")
+        wait_until_ready(process, listening, timeout, "registered in rq:workers and listening")
     finally:
         client.close()
     return process

@@ -20,8 +20,8 @@ import redis
 from rq.worker import Worker
 from rq.worker_registration import REDIS_WORKER_KEYS
 
-from queue_service import keys
 from queue_service.embedded_redis import free_port
+from queue_service.store import keys
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_SECONDS = 30.0

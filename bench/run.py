@@ -53,8 +53,8 @@ from bench.procs import (
     wait_http,
     wait_registered,
 )
-from queue_service import keys
 from queue_service.embedded_redis import RedisServer
+from queue_service.store import keys
 from queue_service.wire import decode_frame
 from workers.examples import Echo
 
@@ -289,8 +289,7 @@ class Bench:
         asyncio.run(hammer(url, body=PAYLOAD, connections=conns, max_requests=100))  # warm up
         result = asyncio.run(hammer(url, body=PAYLOAD, connections=conns, max_requests=n, max_seconds=60))
         assert set(result.statuses) == {200}, dict(result.statuses)
-        qk = keys.input_queue("puts")
-        self.redis.delete(*qk.all)
+        self.redis.delete(*keys.service_keys("puts"))
 
         queue = Queue(RQ_IDLE_QUEUE, connection=self.redis)
         enqueued = run_threads(conns, n, lambda: queue.enqueue(jobs.noop), self.plan.phase_seconds)

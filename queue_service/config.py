@@ -38,6 +38,8 @@ class Metadata(_Strict):
 
 class SinkSettings(_Strict):
     max_length: Annotated[int, Field(gt=0)] = 10_000
+    # Ours: the sink is bounded by bytes too (results held in Redis's memory); a full sink stops intake.
+    max_bytes: Annotated[int, Field(gt=0)] = 512 * 1024 * 1024
 
 
 class QueueSettings(_Strict):
@@ -50,6 +52,8 @@ class QueueSettings(_Strict):
     lease_seconds: Annotated[float, Field(ge=1, le=300)] = 10
     # Ours: longest a processor may run on one item; 0 = no limit.
     max_processing_seconds: Annotated[float, Field(ge=0)] = 0
+    # Ours: client consumer groups per queue (watches); past it, the group unseen longest is replaced.
+    max_groups: Annotated[int, Field(gt=0, le=1024)] = 32
     sink: SinkSettings = SinkSettings()
 
 
@@ -148,6 +152,13 @@ class Settings(BaseSettings):
     # Workers: how long a stop (SIGTERM) waits for the item in hand before handing it back.
     # Below Kubernetes' default 30 s termination grace, so the hand-back happens before SIGKILL.
     shutdown_grace_seconds: float = 25
+    # API: open waits (long polls, streams) one process holds, in all and per service (429 past them).
+    max_long_polls: int = Field(256, gt=0)
+    max_long_polls_per_service: int = Field(128, gt=0)
+    # API: a request body must arrive within this many seconds (408 after): a trickling client is cut off.
+    body_timeout_seconds: float = Field(30.0, gt=0)
+    # API: bytes of item data in one answer (a get, a watch take); always at least one item.
+    max_answer_bytes: int = Field(16 * 1024 * 1024, gt=0)
 
     def load_services(self) -> ServicesFile:
         return load_services(self.services)

@@ -1,10 +1,14 @@
-"""Worker-side latency histograms kept in Redis, so every worker adds to one cluster-wide histogram.
+"""Worker-side latency histograms kept in Redis, so that every worker adds to one cluster-wide histogram.
 
-A worker records each finished item as increments of hash fields (`<histogram>:<bucket>`,
-`<histogram>:sum`); `metrics.py` turns them into Prometheus histograms at scrape time.
+A worker counts each finished item in memory (`TimingCounts`) and adds the counts to hash fields
+(`<histogram>:<bucket>`, `<histogram>:sum`) every few seconds, in one pipeline: no Redis work per item.
+The API's `/metrics` turns the fields into Prometheus histograms at scrape time.
 """
 
 from __future__ import annotations
+
+import threading
+from collections import defaultdict
 
 HISTOGRAMS = {
     "queue_wait": "Time from put to a worker taking the item",
@@ -25,9 +29,28 @@ def bucket_of(seconds: float) -> str:
     return "+Inf"
 
 
-def increments(queue_wait: float, processing: float, total: float) -> list[str | float]:
-    """Flat (field, amount) pairs for one finished item."""
-    pairs: list[str | float] = []
-    for name, seconds in (("queue_wait", queue_wait), ("processing", processing), ("total", total)):
-        pairs += [f"{name}:{bucket_of(seconds)}", 1, f"{name}:sum", round(seconds, 6)]
-    return pairs
+class TimingCounts:
+    """Counts of finished items not yet added to Redis, per service (the main thread adds, another drains)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: defaultdict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
+
+    def add(self, service: str, queue_wait: float, processing: float, total: float) -> None:
+        with self._lock:
+            fields = self._counts[service]
+            for name, seconds in (("queue_wait", queue_wait), ("processing", processing), ("total", total)):
+                fields[f"{name}:{bucket_of(seconds)}"] += 1
+                fields[f"{name}:sum"] += round(seconds, 6)
+
+    def drain(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            counts, self._counts = self._counts, defaultdict(lambda: defaultdict(float))
+        return {service: dict(fields) for service, fields in counts.items()}
+
+    def put_back(self, counts: dict[str, dict[str, float]]) -> None:
+        """Counts whose write failed (Redis away) wait for the next flush."""
+        with self._lock:
+            for service, fields in counts.items():
+                for field, amount in fields.items():
+                    self._counts[service][field] += amount

@@ -10,23 +10,15 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
-PROTOBUF_MEDIA_TYPE = "application/vnd.google.protobuf"
+from queue_service.protocol import PROTOBUF_MEDIA_TYPE
+from queue_service.store.model import DataFrame
 
-
-@dataclass(slots=True)
-class DataFrame:
-    """One queue item: its index, its tags, its payload and an optional message."""
-
-    index: int
-    tags: dict[str, str]
-    data: bytes
-    message: str = ""
+__all__ = ["PROTOBUF_MEDIA_TYPE", "DataFrame"]
 
 
 class WireError(ValueError):

@@ -11,11 +11,10 @@ import inspect
 import json
 import reprlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
-OCTET_STREAM = "application/octet-stream"
-TEXT_PLAIN = "text/plain; charset=utf-8"
+from queue_service.store.model import OCTET_STREAM, TEXT_PLAIN, Outcome
+
 APPLICATION_JSON = "application/json"
 
 
@@ -27,15 +26,6 @@ class Processor(Protocol):
     def process(self, data: bytes) -> bytes | tuple[bytes, int]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class ProcessResult:
-    """One processed request: the body for the sink (empty writes nothing), its status and type."""
-
-    body: bytes
-    status: int = 200
-    content_type: str = OCTET_STREAM
-
-
 class ProcessorLoadError(Exception):
     """The import path does not name a usable processor; the worker cannot start."""
 
@@ -45,7 +35,7 @@ class ProcessorResultError(Exception):
 
 
 class LoadedProcessor:
-    """A processor as a worker uses it: initialized once, its results normalized to ProcessResult."""
+    """A processor as a worker uses it: initialized once, its results normalized to an Outcome."""
 
     __slots__ = ("_initialize", "_initialized", "_process", "path", "target")
 
@@ -78,15 +68,15 @@ class LoadedProcessor:
         # Set only after success, so a failed load is retried rather than silently skipped.
         self._initialized = True
 
-    def process(self, data: bytes) -> ProcessResult:
+    def process(self, data: bytes) -> Outcome:
         """Run the processor on one request body; its own exceptions propagate unchanged."""
         # Initializing here too means no caller can run a processor whose model is not loaded.
         self.initialize()
         return normalize_result(self._process(data))
 
 
-def normalize_result(value: object) -> ProcessResult:
-    """Turn what a processor returned into a ProcessResult, or raise ProcessorResultError."""
+def normalize_result(value: object) -> Outcome:
+    """Turn what a processor returned into an Outcome, or raise ProcessorResultError."""
     if isinstance(value, tuple):
         if len(value) != 2:
             raise ProcessorResultError(
@@ -99,9 +89,9 @@ def normalize_result(value: object) -> ProcessResult:
                 f"processor returned status {_show(status)}; expected an int HTTP status in 100..599"
             )
         encoded, content_type = _encode(body)
-        return ProcessResult(encoded, status, content_type)
+        return Outcome(encoded, status, content_type)
     encoded, content_type = _encode(value)
-    return ProcessResult(encoded, 200, content_type)
+    return Outcome(encoded, 200, content_type)
 
 
 def _encode(value: object) -> tuple[bytes, str]:

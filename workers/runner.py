@@ -1,15 +1,15 @@
-"""What a worker does with one input item: run the processor, map the outcome to a status.
+"""What a worker does with one input item: run the processor, map what happened to an Outcome.
 
-The only code that touches the user's processor. A processor exception becomes status 400
-with the exception's message (the platform's contract); a processor may choose its own status
-by returning `(body, status)`.
+The only code that touches the user's processor. A processor exception becomes status 400 with the
+exception's message (the platform's contract); a processor may choose its own status by returning
+`(body, status)`.
 """
 
 from __future__ import annotations
 
 import logging
 
-from queue_service.consumer import Outcome, TakenItem
+from queue_service.store.model import Item, Outcome
 from workers.processor import LoadedProcessor
 
 log = logging.getLogger("queue_service.worker")
@@ -22,11 +22,17 @@ class ProcessingTimeout(BaseException):
     """
 
 
-def run_item(processor: LoadedProcessor, item: TakenItem) -> Outcome:
+def run_item(processor: LoadedProcessor, item: Item) -> Outcome:
     try:
-        result = processor.process(item.data)
+        return processor.process(item.data)
     except Exception as exc:  # the user's code failed on this input: 400, and the worker goes on
         message = f"{type(exc).__name__}: {exc}"
         log.info("processor failed on %s: %s", item.request_id, message)
-        return Outcome(body=message.encode(), status=400, content_type="text/plain; charset=utf-8", message=message)
-    return Outcome(body=result.body, status=result.status, content_type=result.content_type)
+        return Outcome.failure(400, message)
+
+
+def given_up(item: Item) -> Outcome:
+    """The terminal answer of an item delivered queue.max_delivery times: its workers kept stopping."""
+    return Outcome.failure(
+        500, f"given up after {item.deliveries - 1} deliveries: the worker holding it stopped each time"
+    )

@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 import httpx
 import redis
 
-from queue_service import keys
 from queue_service.embedded_redis import RedisServer
-from queue_service.keys import WORKER_GROUP
-from queue_service.request_log import REQUEST_ID_HEADER
+from queue_service.protocol import REQUEST_ID_HEADER
+from queue_service.store import keys
+from queue_service.store.keys import WORKER_GROUP
 from tests.failure.processors import CALLS_ENV
 from tests.support.processes import ManagedProcess, start_api, start_worker
 from tests.support.waiting import wait_until
@@ -258,6 +258,19 @@ class Stack:
     def wait_settled(self, timeout: float) -> None:
         wait_until(self.settled, timeout, f"all {len(self.accepted)} accepted requests in a terminal state", 0.2)
 
+    def _counter_drift(self, service: str) -> list[str]:
+        """The store's counters against a recount of the streams (they must agree when all is settled)."""
+        counts = {k.decode(): int(v) for k, v in self.store.hgetall(keys.counts(service)).items()}
+        sink = keys.sink_queue(service)
+        results = sum(int(self.store.xlen(stream)) for stream in sink.streams)
+        data = sum(len(f.get(b"data", b"")) for stream in sink.streams for _, f in self.store.xrange(stream))
+        expected = {"waiting": self.input_left(service), "sink_used": results, "sink_bytes": data}
+        return [
+            f"{service}: counter {name} is {counts.get(name, 0)}, the streams say {value}"
+            for name, value in expected.items()
+            if counts.get(name, 0) != value
+        ]
+
     def audit(self, services: Sequence[str] = ()) -> Counter[int]:
         """The acceptance rule of the issue; returns how many requests ended with each status."""
         results = self.results()
@@ -275,6 +288,7 @@ class Stack:
                         problems.append(f"{stream}: {pending} item(s) still held by workers")
             if stray := self.store.hlen(keys.input_queue(service).ids):
                 problems.append(f"{service}: {stray} request id(s) left in the input index")
+            problems += self._counter_drift(service)
         for request_id in results:
             if request_id not in self.accepted:
                 problems.append(f"a result for {request_id}, which was never accepted")

@@ -9,7 +9,7 @@ import threading
 import httpx
 import pytest
 
-from queue_service import keys
+from queue_service.store import keys
 from tests.failure.harness import Put, Stack
 from tests.support.processes import start_api
 

@@ -18,8 +18,8 @@ import httpx
 import pytest
 import redis
 
-from queue_service import keys
-from queue_service.keys import WORKER_GROUP
+from queue_service.store import keys
+from queue_service.store.keys import WORKER_GROUP
 from tests.failure.conftest import FLOOD_BOUND
 from tests.failure.harness import Put, Stack
 

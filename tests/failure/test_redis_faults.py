@@ -11,9 +11,10 @@ import httpx
 import pytest
 
 from queue_service.config import load_services
-from queue_service.consumer import InputConsumer, TakenItem
+from queue_service.store.consumer import WorkerStore
 from tests.failure.conftest import LEASE_SECONDS
 from tests.failure.harness import Stack, wait_until
+from workers.worker import take_rules
 
 pytestmark = pytest.mark.integration
 
@@ -31,11 +32,11 @@ def test_redis_killed_and_restarted_with_aof_loses_no_accepted_request(stack: St
     time.sleep(LEASE_SECONDS)  # down for a whole lease: held items look lapsed to a restarted Redis
     stack.redis_server.restart()
     # A consumer that takes at once must not get the long request: its worker lives and will renew.
-    probe = InputConsumer(stack.store, "probe")
-    taken = probe.take(load_services(stack.services_file).by_name["work"])
-    if isinstance(taken, TakenItem):
-        probe.release(taken)
-        assert json.loads(taken.data)["token"] != long_one, "a held request was claimed after the restart"
+    probe = WorkerStore(stack.store, "probe")
+    taken = probe.take("work", take_rules(load_services(stack.services_file).by_name["work"]), claim=True)
+    for item in taken.items:
+        probe.release(item)
+        assert json.loads(item.data)["token"] != long_one, "a held request was claimed after the restart"
     # The API and the workers reconnect by themselves: new requests are accepted and processed.
     wait_until(lambda: stack.put("work", sleep=0.1).status_code == 200, 10, "the API accepting again")
     for _ in range(4):

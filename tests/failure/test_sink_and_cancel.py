@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from queue_service import keys
+from queue_service.store import keys
 from tests.failure.harness import Stack, wait_until
 
 pytestmark = pytest.mark.integration

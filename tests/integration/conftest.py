@@ -14,8 +14,8 @@ import httpx
 import pytest
 import redis
 
-from queue_service import keys
 from queue_service.config import load_services
+from queue_service.store import keys
 from tests.conftest import ServicesFileFactory
 from tests.support.processes import ManagedProcess, start_api, start_worker
 from tests.support.waiting import wait_until

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from queue_service import keys
+from queue_service.store import keys
 from tests.integration.conftest import REQUEST_ID, ApiFactory, stop_all, wait_until
 from tests.support.processes import ManagedProcess
 

@@ -29,10 +29,10 @@ import redis
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from queue_service import keys
-from queue_service.auth import sign
+from queue_service.api.auth import sign
 from queue_service.embedded_redis import RedisServer
-from queue_service.request_log import REQUEST_ID_HEADER
+from queue_service.protocol import REQUEST_ID_HEADER
+from queue_service.store import keys
 from tests.support.eas import run_eas
 from tests.support.processes import ManagedProcess, start_api, start_worker, write_services
 from tests.support.waiting import wait_until
@@ -411,8 +411,8 @@ def test_404_names_what_was_not_found(stack: Stack, method: str, path: str, name
     ("method", "path", "allow"),
     [
         ("GET", "/api/predict/echo/sync", {"POST"}),
-        ("PATCH", "/api/predict/echo", {"GET", "POST", "DELETE", "PUT"}),
-        ("PATCH", "/api/predict/echo/sink", {"GET", "POST", "DELETE", "PUT"}),
+        ("PATCH", "/api/predict/echo", {"GET", "HEAD", "POST", "DELETE", "PUT"}),
+        ("PATCH", "/api/predict/echo/sink", {"GET", "HEAD", "POST", "DELETE", "PUT"}),
         ("POST", "/healthz", {"GET"}),
     ],
 )
@@ -478,8 +478,11 @@ def test_408_started_request_finishes_but_its_late_result_never_reaches_the_sink
     with stack.client() as http:
         orphan = http.get("/api/predict/slow/sink", params={"requestId": request_id})
     assert orphan.status_code == 204
-    # The answer waits unread in its own reply list, and expires.
-    assert stack.store.ttl(keys.sync_reply("slow", request_id)) > 0
+    # The answer went to the API process's reply stream, where nobody waits for it any more, and it expires.
+    [stream] = stack.store.keys(keys.replies("slow", "*"))
+    answers = [fields for _, fields in stack.store.xrange(stream)]
+    assert [a[b"rid"] for a in answers if a[b"rid"] == request_id.encode()] == [request_id.encode()]
+    assert stack.store.pttl(stream) > 0
 
 
 # --- 429 ----------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 import fakeredis
 import httpx
 import pytest
+from queue_service.consumer import InputConsumer, Outcome, TakenItem
 
 from queue_service.api import create_app
 from queue_service.config import Settings, parse_services
-from queue_service.consumer import InputConsumer, Outcome, TakenItem
 from queue_service.wire import PROTOBUF_MEDIA_TYPE, AttributesProto, decode_frame_list
 
 TOKEN = "token-of-echo"

@@ -15,7 +15,7 @@ from email.utils import formatdate
 import pytest
 from starlette.datastructures import Headers
 
-from queue_service.auth import check_authorization
+from queue_service.api.auth import check_authorization
 
 TOKEN = "s3cret-token"
 PATH = "/api/predict/echo/sync"

@@ -7,9 +7,6 @@ from typing import Any
 
 import fakeredis
 import pytest
-
-from queue_service import keys
-from queue_service.config import ServiceConfig
 from queue_service.consumer import (
     CANCELLED,
     HANDED_OVER,
@@ -22,6 +19,9 @@ from queue_service.consumer import (
 )
 from queue_service.keys import WORKER_GROUP
 from queue_service.queues import Queues
+
+from queue_service import keys
+from queue_service.config import ServiceConfig
 from queue_service.wire import DataFrame
 
 

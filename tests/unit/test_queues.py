@@ -9,10 +9,10 @@ from typing import Any
 
 import fakeredis
 import pytest
-
-from queue_service.config import ServiceConfig
 from queue_service.consumer import InputConsumer, Outcome, TakenItem
 from queue_service.queues import QueueFull, Queues
+
+from queue_service.config import ServiceConfig
 
 
 def service(name: str = "echo", **settings: Any) -> ServiceConfig:

@@ -1,6 +1,6 @@
 -- Renew (idle_ms = 0) or release (idle_ms large: claimable at once) the caller's hold on items.
--- Returns {held, gone}: how many the caller still holds, and how many no longer exist (deleted
--- while held: cancelled). The rest were handed to another consumer after their lease lapsed.
+-- Returns {held, gone}: how many the caller still holds, and how many no longer exist (removed while held:
+-- cancelled). The rest were handed to another consumer after their lease lapsed.
 -- KEYS: stream
 -- ARGV: group, consumer, idle_ms, id...
 local held, gone = 0, 0

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-REQUEST_ID_HEADER = "X-Eas-Queueservice-Request-Id"
+from queue_service.protocol import REQUEST_ID_HEADER
+
 log = logging.getLogger("queue_service.access")
 SWITCHING_PROTOCOLS = 101
 HANDSHAKE_REFUSED = 403
@@ -65,7 +66,8 @@ class RequestLog:
             # A route that saw its client leave records 499 (nothing could be sent).
             status = state.get("final_status", status)
             path = scope["path"]
-            service = path.split("/")[3] if path.startswith("/api/predict/") and path.count("/") >= 3 else ""
+            # The router leaves what it matched in the scope: the service is the route's, not re-parsed.
+            service = scope.get("path_params", {}).get("service_name", "")
             record = {
                 "request_id": state["request_id"],
                 "method": method,

@@ -1,16 +1,20 @@
 """Query parameters of the queue protocol: `_x_` controls, and tags (everything else).
 
-Every malformed value is an ApiError(400) that names the parameter and says what was expected.
+Every malformed value is an ApiError(400) that names the parameter and says what was expected. Numbers
+are ASCII digits only (Python's int() also reads other scripts' digits, such as "١٢"), and indexes stay
+within what a stream id holds.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from starlette.datastructures import QueryParams
 
+from queue_service.api.errors import ApiError
 from queue_service.durations import parse_duration
-from queue_service.errors import ApiError
+from queue_service.protocol import RESERVED_TAGS
 
 KNOWN_CONTROLS = frozenset(
     {
@@ -23,6 +27,7 @@ KNOWN_CONTROLS = frozenset(
         "_trunc_",
         "_attrs_",
         "_search_",
+        "_status_",
         "_watch_",
         "_window_",
         "_index_only_",
@@ -31,18 +36,23 @@ KNOWN_CONTROLS = frozenset(
     }
 )
 # Not tags: the request id selects an item on get.
-RESERVED_NAMES = frozenset({"requestId"})
+SELECTORS = frozenset({"requestId"})
 MAX_LENGTH = 10_000
 MAX_TIMEOUT_SECONDS = 600.0
 MAX_WINDOW = 10_000
+# The largest index: indexes are given out by Redis INCR (a signed 64-bit counter).
+MAX_INDEX = 2**63 - 1
+_DIGITS = re.compile(r"[0-9]+")
 
 
 class Params:
     """Typed access to one request's query parameters."""
 
+    __slots__ = ("query",)
+
     def __init__(self, query: QueryParams, allowed: Iterable[str] = KNOWN_CONTROLS) -> None:
         self.query = query
-        allowed = set(allowed)
+        allowed = allowed if isinstance(allowed, frozenset | set) else set(allowed)
         for name in query:
             if name.startswith("_") and name not in allowed:
                 raise ApiError(400, f"unknown parameter {name!r} for this operation")
@@ -58,29 +68,25 @@ class Params:
             return False
         raise ApiError(400, f"{name} must be true or false, got {raw!r}")
 
-    def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+    def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int = MAX_INDEX) -> int:
         raw = self.query.get(name)
         if raw is None or raw == "":
             return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ApiError(400, f"{name} must be a whole number, got {raw!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            upper = f" and at most {maximum}" if maximum is not None else ""
-            raise ApiError(400, f"{name} must be at least {minimum}{upper}, got {value}")
+        value = _whole_number(name, raw)
+        if value < minimum or value > maximum:
+            raise ApiError(400, f"{name} must be at least {minimum} and at most {maximum}, got {raw}")
         return value
 
     def indexes(self, name: str = "_indexes_") -> list[int]:
         raw = self.query.get(name)
         if not raw:
             raise ApiError(400, f"{name} is required: a comma-separated list of indexes")
-        try:
-            values = [int(part) for part in raw.split(",") if part.strip()]
-        except ValueError:
-            raise ApiError(400, f"{name} must be comma-separated whole numbers, got {raw!r}") from None
-        if not values or any(v <= 0 for v in values):
-            raise ApiError(400, f"{name} must list indexes above 0, got {raw!r}")
+        parts = [part.strip() for part in raw.split(",") if part.strip()]
+        if not parts or not all(_DIGITS.fullmatch(part) for part in parts):
+            raise ApiError(400, f"{name} must be comma-separated whole numbers, got {raw!r}")
+        values = [int(part) for part in parts]
+        if any(v <= 0 or v > MAX_INDEX for v in values):
+            raise ApiError(400, f"{name} must list indexes from 1 to {MAX_INDEX}, got {raw!r}")
         return values
 
     def duration(self, name: str, default: float) -> float:
@@ -96,5 +102,19 @@ class Params:
         return seconds
 
     def tags(self) -> dict[str, str]:
-        """Parameters that are not controls: the item's tags (put) or a tag filter (get, watch)."""
-        return {k: v for k, v in self.query.items() if not k.startswith("_") and k not in RESERVED_NAMES}
+        """Parameters that are not controls: a tag filter (get, watch). `lastCode` filters too."""
+        return {k: v for k, v in self.query.items() if not k.startswith("_") and k not in SELECTORS}
+
+    def item_tags(self) -> dict[str, str]:
+        """The tags of an item being put: the names the service writes itself are refused."""
+        tags = {k: v for k, v in self.query.items() if not k.startswith("_")}
+        forged = sorted(RESERVED_TAGS & tags.keys())
+        if forged:
+            raise ApiError(400, f"tag {forged[0]!r} is reserved: the service writes it on results")
+        return tags
+
+
+def _whole_number(name: str, raw: str) -> int:
+    if not _DIGITS.fullmatch(raw):
+        raise ApiError(400, f"{name} must be a whole number (ASCII digits), got {raw!r}")
+    return int(raw)

@@ -12,9 +12,9 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import HistogramMetricFamily
 
-from queue_service import keys
 from queue_service.config import ServicesFile
-from queue_service.queues import Queues
+from queue_service.store import keys
+from queue_service.store.queues import QueueStore
 from queue_service.timings import HISTOGRAMS, bucket_bounds
 
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -41,6 +41,7 @@ class Metrics:
         self.oldest_age = self._service_gauge("oldest_waiting_age_seconds", "Age of the oldest item in the input queue")
         self.live_workers = self._service_gauge("live_workers", "Workers with a recent heartbeat")
         self.sink_items = self._service_gauge("sink_items", "Results waiting in the sink")
+        self.sink_bytes = self._service_gauge("sink_bytes", "Bytes of result data waiting in the sink")
         self.backlog_per_worker = self._service_gauge(
             "backlog_per_worker", "Waiting items per live worker (all of them when none): the scaling signal"
         )
@@ -60,7 +61,7 @@ class Metrics:
     def describe(self):  # type: ignore[no-untyped-def]
         return []
 
-    async def refresh(self, queues: Queues, services: ServicesFile) -> None:
+    async def refresh(self, store: QueueStore, services: ServicesFile) -> None:
         """Read the queue state of every service from Redis (called per scrape)."""
         now = time.time()
         histograms = {
@@ -69,13 +70,15 @@ class Metrics:
         }
         for service in services.services:
             name = service.name
-            inputs, sink = await queues.state(name, "input"), await queues.state(name, "sink")
-            stats = await queues.redis.hgetall(keys.timings(name))
+            inputs = await store.state(keys.input_queue(name))
+            sink = await store.state(keys.sink_queue(name))
+            stats = await store.redis.hgetall(keys.timings(name))
             self.waiting.labels(name).set(inputs.waiting)
             self.in_flight.labels(name).set(inputs.in_flight)
             self.oldest_age.labels(name).set(max(0.0, now - inputs.oldest_put) if inputs.oldest_put else 0)
             self.live_workers.labels(name).set(inputs.live_workers)
             self.sink_items.labels(name).set(sink.length)
+            self.sink_bytes.labels(name).set(sink.bytes)
             self.backlog_per_worker.labels(name).set(inputs.backlog_per_worker)
             decoded = {k.decode(): float(v) for k, v in stats.items()}
             for hist_name, family in histograms.items():

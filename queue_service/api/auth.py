@@ -8,7 +8,13 @@ The signature covers the method, the body, the content type, the Date header and
 so a signature captured for one service or one body opens nothing else; the Date must lie within
 ``max_skew_seconds`` of server time, which limits replays. The client formats its *local* time with
 a literal "GMT" suffix, so machines that sign requests must run in UTC (or their clock looks skewed
-by their UTC offset).
+by their UTC offset). The format is the platform's, and its limits are inherent: a captured request
+can be replayed within the Date window, and the signature does not cover the query string. Use TLS,
+and prefer ``Bearer <token>`` for new clients.
+
+The raw and Bearer forms are checked before the body is read (`check_before_body`): a client without
+the token cannot make the server read, or hold memory for, megabytes of body. Only the signed form,
+whose signature covers the body, needs the body first.
 """
 
 from __future__ import annotations
@@ -60,6 +66,26 @@ def check_authorization(
             now=time.time() if now is None else now,
             max_skew_seconds=max_skew_seconds,
         )
+    return "wrong token"
+
+
+def check_before_body(expected_token: str | None, headers: Mapping[str, str]) -> str | None:
+    """A reason to refuse at once (missing header, wrong raw or Bearer token), else None.
+
+    None also means "signed": that form is checked by `check_authorization` once the body is in.
+    """
+    if not expected_token:
+        return None
+    authorization = (_header(headers, "Authorization") or "").strip()
+    if not authorization:
+        return "missing Authorization header"
+    if _same(authorization, expected_token):
+        return None
+    scheme, _, credential = authorization.partition(" ")
+    if scheme.lower() == "bearer":
+        return None if _same(credential.strip(), expected_token) else "wrong token"
+    if scheme.lower() == "eas":
+        return None
     return "wrong token"
 
 

@@ -1,0 +1,154 @@
+"""The API's app factory: the Redis clients, the routes, the error mapping and the request log.
+
+Queue semantics live in the store, the operations in `queue_routes.py` and the modules it names; here is
+only the wiring, and which exception becomes which status code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio
+import redis.exceptions
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+from starlette.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
+
+from queue_service.api import health, openapi, queue_routes
+from queue_service.api.context import App
+from queue_service.api.errors import ApiError, error_response
+from queue_service.api.metrics import Metrics
+from queue_service.api.request_log import RequestLog
+from queue_service.api.waiters import BLOCK_MS
+from queue_service.config import ServicesFile, Settings
+from queue_service.logs import configure_logging
+from queue_service.protocol import QUEUE_FULL, REQUEST_ID_HEADER, TOO_MANY_REQUESTS
+from queue_service.store import connection
+from queue_service.store.model import NoLiveWorker, QueueFull, TooManyGroups
+
+log = logging.getLogger("queue_service.api")
+
+
+async def on_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.detail, exc.headers)
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        detail = f"no such path: {request.url.path}"
+    elif exc.status_code == 405:
+        detail = f"method {request.method} is not allowed on {request.url.path}"
+    else:
+        detail = str(exc.detail)
+    return error_response(exc.status_code, detail, exc.headers)
+
+
+async def on_validation_error(request: Request, exc: Exception) -> Response:
+    return error_response(400, f"malformed request: {exc}")
+
+
+async def on_queue_full(request: Request, exc: Exception) -> Response:
+    # One mapping for both paths: an async put and a sync request compete for the same bound.
+    return error_response(QUEUE_FULL, str(exc))
+
+
+async def on_no_worker(request: Request, exc: Exception) -> Response:
+    return error_response(503, f"no healthy upstream: {exc}")
+
+
+async def on_too_many_groups(request: Request, exc: Exception) -> Response:
+    return error_response(TOO_MANY_REQUESTS, str(exc), {"Retry-After": "15"})
+
+
+async def on_redis_down(request: Request, exc: Exception) -> Response:
+    log.warning("redis unavailable: %s", exc)
+    return error_response(503, "queue storage (Redis) is unreachable; retry later", {"Retry-After": "1"})
+
+
+async def on_internal_error(request: Request, exc: Exception) -> Response:
+    request_id = getattr(request.state, "request_id", "")
+    log.exception("internal error in %s %s request_id=%s", request.method, request.url.path, request_id)
+    # Starlette runs this handler outside every middleware, RequestLog included: set the header here.
+    return error_response(
+        500,
+        f"internal error; request id {request_id} identifies it in the server log",
+        {REQUEST_ID_HEADER: request_id},
+    )
+
+
+def _count(app_metrics: Metrics, services: ServicesFile, record: dict) -> None:
+    # Only known services get a label: unknown names in URLs must not grow the metric set.
+    if record["service"] in services.by_name:
+        app_metrics.observe_request(
+            record["service"], record["operation"], record["status"], record["duration_ms"] / 1000
+        )
+
+
+async def docs(request: Request) -> HTMLResponse:
+    # Swagger UI from the swagger-ui-bundle package, served here: /docs works with no internet access.
+    return get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title="queue-service API",
+        swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+        swagger_css_url="/docs-assets/swagger-ui.css",
+        swagger_favicon_url="/docs-assets/favicon-32x32.png",
+    )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    services: ServicesFile | None = None,
+    redis_client: redis.asyncio.Redis | None = None,
+) -> FastAPI:
+    settings = settings or Settings()
+    services = services or settings.load_services()
+    configure_logging()
+    app_metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(fastapi_app: FastAPI) -> AsyncIterator[None]:
+        client = redis_client or connection.api_client(settings.redis_url)
+        reader = redis_client or connection.blocking_client(settings.redis_url, BLOCK_MS / 1000)
+        state = App(settings, services, client, reader, app_metrics)
+        fastapi_app.state.qs = state
+        try:
+            yield
+        finally:
+            await state.waiters.close()
+            if redis_client is None:
+                await client.aclose()
+                await reader.aclose()
+
+    # No slash redirects: Starlette builds them from the client's Host header.
+    app = FastAPI(title="queue-service", lifespan=lifespan, redirect_slashes=False, docs_url=None, redoc_url=None)
+    app.router.routes.extend(queue_routes.routes())
+    app.add_api_route("/healthz", health.healthz, methods=["GET"], summary="the process is alive")
+    app.add_api_route(
+        "/readyz", health.readyz, methods=["GET"], summary="every service (or ?service=, ?scope=api) can serve"
+    )
+    app.add_api_route("/metrics", health.metrics, methods=["GET"], summary="Prometheus metrics")
+    app.router.routes.append(Route("/docs", docs, methods=["GET"], include_in_schema=False))
+    app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+    openapi.install(app)
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(QueueFull, on_queue_full)
+    app.add_exception_handler(NoLiveWorker, on_no_worker)
+    app.add_exception_handler(TooManyGroups, on_too_many_groups)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(redis.exceptions.ConnectionError, on_redis_down)
+    app.add_exception_handler(redis.exceptions.TimeoutError, on_redis_down)
+    app.add_exception_handler(Exception, on_internal_error)
+    app.add_middleware(RequestLog, on_done=lambda r: _count(app_metrics, services, r))
+    return app

@@ -1,0 +1,42 @@
+"""What every route of one API process shares: settings, services, the store, the waiters and the limits."""
+
+from __future__ import annotations
+
+import uuid
+
+from redis.asyncio import Redis
+from starlette.requests import HTTPConnection
+
+from queue_service.api.admission import RateLimiter, WaitLimiter
+from queue_service.api.errors import ApiError
+from queue_service.api.metrics import Metrics
+from queue_service.api.waiters import Waiters
+from queue_service.config import ServiceConfig, ServicesFile, Settings
+from queue_service.store.queues import QueueStore
+
+
+class App:
+    def __init__(
+        self, settings: Settings, services: ServicesFile, redis: Redis, reader: Redis, metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.services = services
+        self.redis = redis
+        self.metrics = metrics
+        self.store = QueueStore(redis)
+        # This process's reply channel: workers write its sync answers to a stream of that name.
+        self.channel = uuid.uuid4().hex
+        self.waiters = Waiters(self.store, reader, self.channel)
+        self.rate = RateLimiter(self.store)
+        self.waits = WaitLimiter(settings.max_long_polls, settings.max_long_polls_per_service)
+
+    def service(self, name: str) -> ServiceConfig:
+        try:
+            return self.services.by_name[name]
+        except KeyError:
+            raise ApiError(404, f"service {name!r} not found") from None
+
+
+def app_of(connection: HTTPConnection) -> App:
+    app: App = connection.app.state.qs
+    return app

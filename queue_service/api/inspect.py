@@ -1,0 +1,153 @@
+"""Looking at a queue without changing it: attributes, where an item stands (search), a request's status.
+
+`readiness` is the one judgement of whether a service can serve (attributes, /readyz and the CLI agree).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from queue_service.api.errors import ApiError
+from queue_service.api.preamble import QueueCall, identity
+from queue_service.config import ServiceConfig
+from queue_service.protocol import GID_HEADER, PROTOBUF_MEDIA_TYPE, UID_HEADER
+from queue_service.store import keys
+from queue_service.store.keys import WORKER_GROUP
+from queue_service.store.model import QueueState
+from queue_service.store.queues import QueueStore, RequestState
+from queue_service.wire import encode_attributes, wants_protobuf
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """Whether a service can serve now, and if not, why (each reason one short phrase)."""
+
+    reasons: tuple[str, ...]
+
+    @property
+    def ready(self) -> bool:
+        return not self.reasons
+
+    @property
+    def state(self) -> str:
+        """The platform's `meta.state`: Normal, or what stops the service."""
+        if "no live worker" in self.reasons:
+            return "NoWorker"
+        if any(reason.startswith("sink full") for reason in self.reasons):
+            return "SinkFull"
+        return "Normal"
+
+
+def readiness(service: ServiceConfig, inputs: QueueState, sink: QueueState) -> Readiness:
+    reasons = []
+    if inputs.live_workers == 0:
+        reasons.append("no live worker")
+    sink_bound = service.queue.sink
+    if sink.used >= sink_bound.max_length:
+        reasons.append(f"sink full ({sink.used} of {sink_bound.max_length} results): workers take no input")
+    elif sink.bytes >= sink_bound.max_bytes:
+        reasons.append(f"sink full ({sink.bytes} of {sink_bound.max_bytes} bytes): workers take no input")
+    return Readiness(tuple(reasons))
+
+
+async def service_readiness(store: QueueStore, service: ServiceConfig) -> Readiness:
+    inputs = await store.state(keys.input_queue(service.name))
+    sink = await store.state(keys.sink_queue(service.name))
+    return readiness(service, inputs, sink)
+
+
+async def attributes(request: Request, call: QueueCall) -> Response:
+    """The queue's attributes, as the platform names them (all values are strings)."""
+    store, service = call.app.store, call.service
+    state = await store.state(call.qk)
+    other = await store.state(
+        keys.sink_queue(service.name) if call.queue == "input" else keys.input_queue(service.name)
+    )
+    inputs, sink = (state, other) if call.queue == "input" else (other, state)
+    verdict = readiness(service, inputs, sink)
+    workers = state.live_workers
+    bound = service.rpc.max_queue_size if call.queue == "input" else service.queue.sink.max_length
+    attrs = {
+        "meta.name": service.name if call.queue == "input" else f"{service.name}/sink",
+        "meta.state": verdict.state,
+        "meta.maxPayloadBytes": str(service.max_payload_bytes),
+        "meta.header.user": UID_HEADER,
+        "meta.header.group": GID_HEADER,
+        "meta.header.priority": "_priority_",
+        "stream.length": str(state.length),
+        "stream.approxMaxLength": str(bound),
+        "stream.firstEntry": str(state.first_index),
+        "stream.lastEntry": str(state.last_index),
+        "stream.lastIndex": str(state.last_given),
+        "consumers.stats.total": str(workers),
+    }
+    if call.queue == "input":
+        attrs |= {
+            "stream.waiting": str(state.waiting),
+            "stream.inFlight": str(state.in_flight),
+            "workers.live": str(workers),
+            # The autoscaling signal: backlog per live worker (all of it when none serve).
+            "workers.backlogPerWorker": f"{state.backlog_per_worker:.2f}" if workers else str(state.waiting),
+        }
+    else:
+        attrs |= {"stream.bytes": str(state.bytes), "stream.maxBytes": str(service.queue.sink.max_bytes)}
+    if verdict.reasons:
+        attrs["meta.reason"] = "; ".join(verdict.reasons)
+    if wants_protobuf(request.headers.get("accept")):
+        return Response(encode_attributes(attrs), media_type=PROTOBUF_MEDIA_TYPE)
+    return JSONResponse(attrs)
+
+
+async def search(request: Request, call: QueueCall) -> Response:
+    index = call.params.integer("_index_", 0, minimum=1)
+    # The input queue's position is the workers'; the sink's is that of the caller's group.
+    group = WORKER_GROUP if call.queue == "input" else identity(request)[0]
+    position = await call.app.store.search(call.qk, index, group)
+    if position is None:
+        raise ApiError(404, "no data in stream")
+    return JSONResponse(
+        {"ConsumerId": position.consumer_id, "IsPending": position.is_pending, "WaitCount": position.wait_count}
+    )
+
+
+async def status(request: Request, call: QueueCall) -> Response:
+    """What one request is doing, in one Redis round trip: queued, running, finished (and whether it was read)."""
+    request_id = request.query_params.get("requestId", "")
+    if not request_id:
+        raise ApiError(400, "_status_=true needs requestId: the id a put answered with")
+    found = await call.app.store.status(call.service.name, request_id)
+    if found is None:
+        raise ApiError(404, f"request id {request_id!r} is unknown to service {call.service.name!r} (or expired)")
+    return JSONResponse(status_body(request_id, found))
+
+
+def status_body(request_id: str, found: RequestState) -> dict[str, object]:
+    body: dict[str, object] = {"requestId": request_id}
+    if found.state in ("queued", "running"):
+        body |= {"state": found.state, "index": found.index, "acceptedAt": found.put_ms}
+        if found.state == "queued":
+            body["position"] = found.ahead
+        else:
+            body["deliveries"] = found.deliveries
+        return body
+    body |= {"state": outcome_state(found.status), "statusCode": found.status}
+    if found.status != 200:
+        body["lastCode"] = str(found.status)
+    if found.state == "done":
+        body |= {"result": "in_sink", "resultIndex": found.index, "finishedAt": found.finished_ms}
+        if found.message:
+            body["message"] = found.message
+    else:
+        body |= {"result": "removed", "removedAt": found.removed_ms}
+    return body
+
+
+def outcome_state(status: int) -> str:
+    if status == 200:
+        return "succeeded"
+    if status == 499:
+        return "cancelled"
+    return "failed"

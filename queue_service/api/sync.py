@@ -1,0 +1,77 @@
+"""The synchronous path: put into the same bounded input queue, wait for the worker's answer.
+
+The whole request is bounded by `metadata.rpc.keepalive` (queue wait included). The answer comes back on
+this API process's reply stream, which one reader per service reads for every sync request of the process
+(`waiters.py`): a waiting request holds no Redis connection. On expiry, or when the client leaves, a
+request that no worker has taken yet is withdrawn from the queue; one that has started finishes, and its
+answer is dropped (it never reaches the sink).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from queue_service.api.disconnect import ClientGone
+from queue_service.api.errors import ApiError
+from queue_service.api.preamble import QueueCall
+from queue_service.protocol import CLIENT_CLOSED
+from queue_service.store.model import NoLiveWorker
+from queue_service.store.queues import new_request_id
+
+
+async def call(request: Request, call: QueueCall) -> Response:
+    app, service = call.app, call.service
+    # Keepalive covers the whole request: reading the body and admission count too.
+    received_at = getattr(request.state, "received_at", None) or time.monotonic()
+    deadline = received_at + service.rpc.keepalive / 1000
+    await app.rate.admit(service)
+    request_id = new_request_id()
+    request.state.request_id = request_id
+    waiters = app.waiters.of(call.qk)
+    answer = waiters.expect_reply(request_id)  # before the put: the answer cannot come first
+    gone = ClientGone(request.receive)
+    try:
+        try:
+            put = await app.store.put(
+                call.qk,
+                call.body,
+                {},
+                max_items=service.rpc.max_queue_size,
+                reply_channel=app.channel,
+                request_id=request_id,
+            )
+        except NoLiveWorker:
+            raise ApiError(503, f"no healthy upstream: no live worker serves service {service.name!r}") from None
+        left_client = asyncio.ensure_future(gone.wait())
+        try:
+            await asyncio.wait(
+                {answer, left_client}, timeout=max(0.0, deadline - time.monotonic()), return_when="FIRST_COMPLETED"
+            )
+        finally:
+            left_client.cancel()
+        if answer.done():
+            reply = answer.result()
+            request.state.log_extra = {
+                "queue_wait_ms": round(reply.queue_wait * 1000, 2),
+                "processing_ms": round(reply.processing * 1000, 2),
+            }
+            outcome = reply.outcome
+            return Response(outcome.body, status_code=outcome.status, media_type=outcome.content_type)
+        withdrawn = await app.store.withdraw(service.name, put.index)
+        request.state.log_extra = {"withdrawn": withdrawn}
+        if gone.gone:
+            request.state.final_status = CLIENT_CLOSED
+            return Response(status_code=CLIENT_CLOSED)
+        raise ApiError(
+            408,
+            f"request took longer than metadata.rpc.keepalive={service.rpc.keepalive}ms"
+            + ("; withdrawn from the queue before any worker started it" if withdrawn else ""),
+            {"Connection": "close"},
+        )
+    finally:
+        waiters.drop_reply(request_id)
+        await gone.aclose()

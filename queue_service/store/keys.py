@@ -1,0 +1,148 @@
+"""Redis key names: built here and nowhere else (docs/architecture.md lists each key and its lifetime).
+
+Every key of a service carries the hash tag `{service}`, so one service's keys live in one Redis
+Cluster slot and each Lua script touches one slot only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+QueueName = Literal["input", "sink"]
+
+# The consumer group our workers share on each input queue. Client groups (the official client's
+# default is `eas`) are separate: each group sees every item. Names starting with this prefix are ours.
+RESERVED_PREFIX = "qs-"
+WORKER_GROUP = "qs-workers"
+
+
+def _service(service: str) -> str:
+    return f"qs:{{{service}}}"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueKeys:
+    """The keys of one queue: the input queue or the sink of one service."""
+
+    service: str
+    queue: QueueName
+
+    @property
+    def base(self) -> str:
+        return f"{_service(self.service)}:{self.queue}"
+
+    @property
+    def normal(self) -> str:
+        """Stream of normal items; entry id `<index>-0`."""
+        return self.base
+
+    @property
+    def high(self) -> str:
+        """Stream of priority items, served before every normal item."""
+        return f"{self.base}:high"
+
+    @property
+    def seq(self) -> str:
+        """Counter: the last index given out in this queue (both streams share it)."""
+        return f"{self.base}:seq"
+
+    @property
+    def ids(self) -> str:
+        """Hash: request id -> index of an item still in the queue (sink: `-<ms>` once it was removed)."""
+        return f"{self.base}:ids"
+
+    @property
+    def reserved(self) -> str:
+        """Hash: index -> `<expiry ms>:<token>` of items an auto-deleting read is answering right now."""
+        return f"{self.base}:reserved"
+
+    @property
+    def groups(self) -> str:
+        """Sorted set: client consumer group -> when a consumer of it was last seen (ms)."""
+        return f"{self.base}:groups"
+
+    @property
+    def streams(self) -> tuple[str, str]:
+        """Both streams, in the order they are served."""
+        return (self.high, self.normal)
+
+    @property
+    def all(self) -> list[str]:
+        return [self.high, self.normal, self.seq, self.ids, self.reserved, self.groups]
+
+    def stream(self, priority: bool) -> str:
+        return self.high if priority else self.normal
+
+    @property
+    def counts(self) -> str:
+        return counts(self.service)
+
+
+def input_queue(service: str) -> QueueKeys:
+    return QueueKeys(service, "input")
+
+
+def sink_queue(service: str) -> QueueKeys:
+    return QueueKeys(service, "sink")
+
+
+def queue_keys(service: str, queue: QueueName) -> QueueKeys:
+    return QueueKeys(service, queue)
+
+
+def counts(service: str) -> str:
+    """Hash of the service's counters, kept by the scripts in the same step as the streams they count.
+
+    `waiting` / `waiting_high`: input items no worker holds (all / priority stream); `sink_used`:
+    results in the sink plus the results that held items will write (the sink bound counts both);
+    `sink_bytes`: bytes of result data in the sink.
+    """
+    return f"{_service(service)}:counts"
+
+
+def live_workers(service: str) -> str:
+    """Sorted set: worker name -> unix time its heartbeat lapses."""
+    return f"{_service(service)}:workers"
+
+
+def replies(service: str, channel: str) -> str:
+    """Stream of sync answers for one API process (its reply channel); expires when that process is gone."""
+    return f"{_service(service)}:replies:{channel}"
+
+
+def rate_limit(service: str) -> str:
+    """Rate limiter state (GCRA theoretical arrival time, ms); expires when the service is idle."""
+    return f"{_service(service)}:rate"
+
+
+def timings(service: str) -> str:
+    """Hash of worker-side latency histogram counters (see queue_service/timings.py)."""
+    return f"{_service(service)}:timings"
+
+
+def maintenance_lock(service: str) -> str:
+    """String: held by the one worker that runs the service's periodic maintenance."""
+    return f"{_service(service)}:maintenance"
+
+
+def service_keys(service: str) -> list[str]:
+    """Every fixed-name key of a service (not the reply streams of API processes, which expire by themselves)."""
+    return [
+        *input_queue(service).all,
+        *sink_queue(service).all,
+        counts(service),
+        live_workers(service),
+        rate_limit(service),
+        timings(service),
+        maintenance_lock(service),
+    ]
+
+
+def stream_id(index: int) -> str:
+    return f"{index}-0"
+
+
+def index_of(stream_id_: bytes | str) -> int:
+    text = stream_id_.decode() if isinstance(stream_id_, bytes) else stream_id_
+    return int(text.split("-", 1)[0])

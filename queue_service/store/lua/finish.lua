@@ -1,0 +1,39 @@
+-- Finish an item: publish its outcome and remove it from the input queue in one atomic step, but only while
+-- the caller holds it: a worker whose lease lapsed (the item went to another worker) writes nothing, so a
+-- request has one result. held = 0 publishes for an item that is gone already: the terminal answer of a
+-- request cancelled while it ran (its room in the sink was given back when it was removed).
+-- KEYS: in_stream, in_ids, counts, sink_normal, sink_seq, sink_ids, replies (the API process's reply
+--       stream; any key of the service when the answer goes to the sink)
+-- ARGV: consumer, id, held (1|0), mode (sink|reply|none), rid, data, tags_json, ts_ms, message,
+--       status, content_type, queue_wait, processing, reply_ttl_ms, reply_maxlen
+-- Returns the sink index written, 0 when nothing went to the sink, -1 when another consumer holds the item
+-- now, -2 when it is gone (removed while held: cancelled, or finished by a worker that took it over).
+local consumer, id, held, mode, rid, data = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], ARGV[5], ARGV[6]
+if held then
+  local owner = owner_of(KEYS[1], WORKER_GROUP, id)
+  if owner ~= consumer then
+    if owner == nil and #redis.call('XRANGE', KEYS[1], id, id) == 0 then return -2 end
+    return -1
+  end
+end
+local out = 0
+if mode == 'reply' then
+  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[15], '*', 'rid', rid, 'status', ARGV[10], 'type', ARGV[11],
+    'wait', ARGV[12], 'proc', ARGV[13], 'body', data)
+  redis.call('PEXPIRE', KEYS[7], ARGV[14])
+elseif mode == 'sink' then
+  out = append_item(KEYS[4], KEYS[5], KEYS[6], rid,
+    {'data', data, 'tags', ARGV[7], 'rid', rid, 'ts', ARGV[8], 'message', ARGV[9], 'code', ARGV[10]})
+  redis.call('HINCRBY', KEYS[3], 'sink_bytes', #data)
+  if not held then redis.call('HINCRBY', KEYS[3], 'sink_used', 1) end
+else
+  -- Nothing to publish: the request id still tells a client asking later that it finished.
+  redis.call('HSET', KEYS[6], rid, '-' .. ARGV[8] .. ':' .. ARGV[10])
+end
+if held then
+  local Q = {stream = KEYS[1], ids = KEYS[2], counts = KEYS[3], kind = 'input'}
+  local f = {rid = rid}
+  if mode == 'reply' then f['reply'] = '1' end
+  remove_item(Q, id, f, nil, ARGV[8], mode == 'sink')
+end
+return out

@@ -1,0 +1,96 @@
+-- Helpers prepended to every script of this folder (queue_service/store/scripts.py). Each script names its
+-- KEYS and ARGV in its header; its Python wrapper, of the same name, builds them. Index arguments come as
+-- decimal strings and stay strings: Lua numbers print 1e14 as "1e+14", which is no stream id.
+
+local function fields_of(flat)
+  local t = {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+
+local function num(value)
+  return tonumber(value) or 0
+end
+
+local function sid(index)
+  if type(index) == 'number' then return string.format('%d-0', index) end
+  return index .. '-0'
+end
+
+local function entry(stream, id)
+  local e = redis.call('XRANGE', stream, id, id)
+  if #e == 0 then return nil end
+  return fields_of(e[1][2])
+end
+
+-- The consumer of `group` holding entry `id`, or nil (also when the group does not exist).
+local function owner_of(stream, group, id)
+  local p = redis.pcall('XPENDING', stream, group, id, id, 1)
+  if p['err'] or #p == 0 then return nil end
+  return p[1][2]
+end
+
+-- The lease a claim asks for. Right after a Redis restart, held items' idle times include the downtime and
+-- every lease looks lapsed: for one lease period after Redis starts only released items are claimed, and
+-- live holders renew theirs first. Asked only by the periodic claim, never on every take.
+local function claim_lease(lease_ms, guard_ms)
+  if guard_ms == '' then return lease_ms end
+  local info = redis.call('INFO', 'server')
+  local uptime = tonumber(string.match(info, 'uptime_in_seconds:(%d+)')) or 0
+  if uptime * 1000 < lease_ms then return tonumber(guard_ms) end
+  return lease_ms
+end
+
+-- Append one item to a queue: the next index, its entry, its request id. Returns the index, and false
+-- when the request id was stored already (a resent command stores nothing twice: its first index).
+local function append_item(stream, seq, ids, rid, fields)
+  local index = redis.call('INCR', seq)
+  if redis.call('HSETNX', ids, rid, index) == 0 then return num(redis.call('HGET', ids, rid)), false end
+  redis.call('XADD', stream, sid(index), unpack(fields))
+  return index, true
+end
+
+-- Remove one item for good and keep the counters true. Q = {stream, ids, counts, kind ('input'|'sink'),
+-- high (bool)}. Input: the workers' group forgets it: a held item gives back the sink room its result had
+-- (unless `room_used`: its result is written), an item no worker held was waiting. Sink: its room and
+-- bytes are freed, and its request id remembers when it went and how it ended (`-<ms>:<status>`). `group`, a client group, forgets
+-- it too; other client groups find it gone when they next look (no script scans every group).
+local function remove_item(Q, id, f, group, now_ms, room_used)
+  if Q.kind == 'input' then
+    if f['rid'] then redis.call('HDEL', Q.ids, f['rid']) end
+    if redis.call('XACK', Q.stream, WORKER_GROUP, id) == 1 then
+      if not f['reply'] and not room_used then redis.call('HINCRBY', Q.counts, 'sink_used', -1) end
+    else
+      redis.call('HINCRBY', Q.counts, 'waiting', -1)
+      if Q.high then redis.call('HINCRBY', Q.counts, 'waiting_high', -1) end
+    end
+  else
+    if f['rid'] then redis.call('HSET', Q.ids, f['rid'], '-' .. now_ms .. ':' .. (f['code'] or '200')) end
+    redis.call('HINCRBY', Q.counts, 'sink_used', -1)
+    redis.call('HINCRBY', Q.counts, 'sink_bytes', -#(f['data'] or ''))
+  end
+  if group ~= nil and group ~= '' and group ~= WORKER_GROUP then redis.call('XACK', Q.stream, group, id) end
+  return redis.call('XDEL', Q.stream, id)
+end
+
+-- Items of `group` waiting ahead of entry `id` of stream number `i` (1 = priority, 2 = normal): the
+-- undelivered part of the priority stream (for a normal item), then the undelivered items before it.
+-- Counted up to `cap`.
+local function ahead_of(streams, i, id, group, cap)
+  local ahead = 0
+  for j = 1, i do
+    local from = '-'
+    local info = redis.pcall('XINFO', 'GROUPS', streams[j])
+    if not info['err'] then
+      for _, g in ipairs(info) do
+        local gf = fields_of(g)
+        if gf['name'] == group then from = '(' .. gf['last-delivered-id'] end
+      end
+    end
+    local upto = '+'
+    if j == i then upto = '(' .. id end
+    ahead = ahead + #redis.call('XRANGE', streams[j], from, upto, 'COUNT', cap - ahead)
+    if ahead >= cap then return ahead end
+  end
+  return ahead
+end

@@ -1,0 +1,41 @@
+-- Put one item: the bound check and the write in one atomic step, so concurrent putters never overshoot.
+-- Input: at most `max_items` waiting (put, not taken by a worker); a sync request (reply channel set) is
+-- refused at once when no worker is live. Sink: at most `max_items` results and `max_bytes` of data.
+-- KEYS: stream (the priority or normal stream), seq, ids, counts, workers (live workers; '' unless sync)
+-- ARGV: kind (input|sink), data, tags_json, rid, ts_ms, priority (1|0), max_items (0: none),
+--       max_bytes (0: none), reply_channel (''), now_s, path ('')
+-- Returns the index, or {'full', 'items'|'bytes'}, or {'no-worker'}.
+local kind, data, rid, priority = ARGV[1], ARGV[2], ARGV[4], ARGV[6] == '1'
+local max_items, max_bytes, reply = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+if reply ~= '' and redis.call('ZCOUNT', KEYS[5], ARGV[10], '+inf') == 0 then return {'no-worker'} end
+local counted = 'waiting'
+if kind == 'sink' then counted = 'sink_used' end
+local used = redis.call('HINCRBY', KEYS[4], counted, 1)
+if max_items > 0 and used > max_items then
+  redis.call('HINCRBY', KEYS[4], counted, -1)
+  return {'full', 'items'}
+end
+if kind == 'sink' and max_bytes > 0 and num(redis.call('HGET', KEYS[4], 'sink_bytes')) + #data > max_bytes then
+  redis.call('HINCRBY', KEYS[4], counted, -1)
+  return {'full', 'bytes'}
+end
+local fields = {'data', data, 'tags', ARGV[3], 'rid', rid, 'ts', ARGV[5]}
+if reply ~= '' then
+  fields[#fields + 1] = 'reply'
+  fields[#fields + 1] = reply
+end
+if ARGV[11] ~= '' then
+  fields[#fields + 1] = 'path'
+  fields[#fields + 1] = ARGV[11]
+end
+local index, stored = append_item(KEYS[1], KEYS[2], KEYS[3], rid, fields)
+if not stored then
+  redis.call('HINCRBY', KEYS[4], counted, -1)
+  return index
+end
+if kind == 'sink' then
+  redis.call('HINCRBY', KEYS[4], 'sink_bytes', #data)
+elseif priority then
+  redis.call('HINCRBY', KEYS[4], 'waiting_high', 1)
+end
+return index

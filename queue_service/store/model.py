@@ -1,0 +1,162 @@
+"""The types the API and the workers share through the store: items, outcomes, states and the store's errors."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+TEXT_PLAIN = "text/plain; charset=utf-8"
+OCTET_STREAM = "application/octet-stream"
+
+# A release makes an item claimable at once (its idle time jumps past any lease).
+RELEASE_IDLE_MS = 10**12
+# The lapse a claim asks for right after a Redis restart, when idle times include the downtime and
+# cannot be trusted: only released items are that idle.
+RELEASED_ONLY_MS = RELEASE_IDLE_MS // 2
+# How long a sync answer waits in its API process's reply stream (that process is already waiting).
+REPLY_TTL_MS = 60_000
+# What a lease renewal finds.
+HELD, CANCELLED, HANDED_OVER = "held", "cancelled", "handed-over"
+LeaseState = Literal["held", "cancelled", "handed-over"]
+
+
+class StoreError(Exception):
+    """A store operation the caller must hear about; each subclass is one answer of a script."""
+
+
+class QueueFull(StoreError):
+    """The queue's bound is reached (450)."""
+
+
+class NoLiveWorker(StoreError):
+    """A sync request for a service that no live worker serves (503)."""
+
+
+class NotHolder(StoreError):
+    """The caller no longer holds the item: its lease lapsed and another consumer took it, or it is gone."""
+
+
+class ItemGone(NotHolder):
+    """The item is no longer in the queue: removed while held (cancelled), or finished by a worker that took it over."""
+
+
+class TooManyGroups(StoreError):
+    """A new consumer group would exceed the queue's bound, and every group has live consumers."""
+
+
+@dataclass(slots=True)
+class DataFrame:
+    """One queue item as clients see it: its index, tags, payload and an optional message."""
+
+    index: int
+    tags: dict[str, str]
+    data: bytes
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a finished item publishes: the body (empty writes nothing to the sink), status and type."""
+
+    body: bytes
+    status: int = 200
+    content_type: str = OCTET_STREAM
+    message: str = ""
+
+    @classmethod
+    def failure(cls, status: int, message: str) -> Outcome:
+        return cls(message.encode(), status, TEXT_PLAIN, message)
+
+
+@dataclass(slots=True)
+class Item:
+    """One input item held by a worker."""
+
+    service: str
+    stream: str
+    entry_id: str
+    index: int
+    request_id: str
+    data: bytes
+    tags: dict[str, str]
+    put_ms: int
+    reply_channel: str  # the API process waiting for a sync answer; "" for an async request
+    deliveries: int
+    exhausted: bool = False  # delivered queue.max_delivery times already: to be given up, not run
+    path: str = ""  # the request's sub-path (POST /api/predict/<service>/<path>), passed to the processor
+    taken_at: float = field(default_factory=time.time)
+
+    @property
+    def sync(self) -> bool:
+        return bool(self.reply_channel)
+
+    @property
+    def queue_wait(self) -> float:
+        return max(0.0, self.taken_at - self.put_ms / 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A sync answer as the API reads it, with the worker's timings for the request's log line."""
+
+    request_id: str
+    outcome: Outcome
+    queue_wait: float = 0.0
+    processing: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    index: int
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """What one take found: the items, or why there were none (and the last index, to wait after)."""
+
+    items: list[Item]
+    sink_full: bool = False
+    last_index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """What one read found: the frames, and the last index given out (for a long poll to wait after)."""
+
+    frames: list[DataFrame]
+    last_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    """A queue at one moment: what attributes and metrics report."""
+
+    length: int  # items in both streams
+    waiting: int  # input: items no worker holds; sink: same as length
+    first_index: int  # 0 when empty
+    last_index: int
+    last_given: int  # the last index ever given out
+    oldest_put: float | None  # unix time the first item was put
+    live_workers: int
+    used: int = 0  # sink: results plus the results held items will write (the bound counts both)
+    bytes: int = 0  # sink: bytes of result data
+
+    @property
+    def in_flight(self) -> int:
+        return max(0, self.length - self.waiting)
+
+    @property
+    def backlog_per_worker(self) -> float:
+        """Waiting items per live worker; all of them when none is live."""
+        return self.waiting / self.live_workers if self.live_workers else float(self.waiting)
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where an item stands (the `search` answer); `held` only says whether a consumer holds it."""
+
+    consumer_id: str
+    is_pending: bool
+    wait_count: int

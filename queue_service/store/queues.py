@@ -1,0 +1,268 @@
+"""The queues as the API uses them (asyncio): put, read, remove, search, status, state, and the watch calls.
+
+Knows Redis, knows nothing of HTTP or of the services file: callers pass the bounds. Each operation that must
+be atomic is one script (`scripts.py`); the rest are plain commands, pipelined where they go together.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from queue_service.store import keys, scripts
+from queue_service.store.keys import WORKER_GROUP, QueueKeys, QueueName
+from queue_service.store.model import DataFrame, Position, PutResult, QueueState, Read
+
+# How many items one truncate script removes before the next step (a huge truncate must not block Redis).
+TRUNCATE_STEP = 1000
+
+
+def new_request_id() -> str:
+    # uuid4 takes 122 bits from os.urandom: unguessable, and the format the platform's clients expect.
+    return str(uuid.uuid4())
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestState:
+    """Where one request is: `queued` / `running` in the input queue, `done` (its result in the sink), or
+    `removed` (its result was read with auto-delete, deleted or committed)."""
+
+    state: str
+    index: int = 0  # input index (queued, running) or sink index (done)
+    put_ms: int = 0
+    ahead: int = 0
+    deliveries: int = 0
+    finished_ms: int = 0
+    removed_ms: int = 0
+    status: int = 0  # the processor's status, once finished
+    tags: Mapping[str, str] | None = None
+    message: str = ""
+    size: int = 0
+
+
+class QueueStore:
+    """The queues of every service, over one asyncio Redis client."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.scripts = scripts.Scripts(redis)
+
+    async def put(
+        self,
+        qk: QueueKeys,
+        data: bytes,
+        tags: Mapping[str, str],
+        *,
+        max_items: int,
+        max_bytes: int = 0,
+        priority: bool = False,
+        reply_channel: str = "",
+        request_id: str = "",
+        path: str = "",
+    ) -> PutResult:
+        """Append one item; QueueFull when the bound is reached, NoLiveWorker for a sync put without a worker."""
+        request_id = request_id or new_request_id()
+        call = scripts.put(
+            qk,
+            data=data,
+            tags=tags,
+            request_id=request_id,
+            now_ms=now_ms(),
+            priority=priority,
+            max_items=max_items,
+            max_bytes=max_bytes,
+            reply_channel=reply_channel,
+            path=path,
+        )
+        return PutResult(await self.scripts.run_async(call), request_id)
+
+    async def read(
+        self,
+        qk: QueueKeys,
+        *,
+        start: int = 0,
+        length: int = 1,
+        request_id: str = "",
+        tags: Mapping[str, str] | None = None,
+        max_bytes: int,
+        reserve_token: str = "",
+        reserve_ms: int = 0,
+    ) -> Read:
+        call = scripts.read(
+            qk,
+            start=start,
+            length=length,
+            request_id=request_id,
+            tags=tags,
+            max_bytes=max_bytes,
+            reserve_token=reserve_token,
+            now_ms=now_ms(),
+            reserve_ms=reserve_ms,
+        )
+        return await self.scripts.run_async(call)
+
+    async def settle_reserved(self, qk: QueueKeys, frames: Sequence[DataFrame], token: str, *, delivered: bool) -> int:
+        """Remove what an auto-deleting read answered (`delivered`), or give it back (its client left)."""
+        if not frames:
+            return 0
+        mode = "reserved" if delivered else "release"
+        call = scripts.remove(qk, mode, [f.index for f in frames], now_ms=now_ms(), token=token)
+        removed, _ = await self.scripts.run_async(call)
+        return removed
+
+    async def remove(self, qk: QueueKeys, indexes: Sequence[int], group: str = "") -> int:
+        """Delete (or commit) items by index; returns how many were there."""
+        removed, _ = await self.scripts.run_async(scripts.remove(qk, "indexes", indexes, now_ms=now_ms(), group=group))
+        return removed
+
+    async def withdraw(self, service: str, index: int) -> bool:
+        """Remove an input item only if no worker has taken it yet; True when withdrawn."""
+        call = scripts.remove(keys.input_queue(service), "waiting", [index], now_ms=now_ms())
+        removed, _ = await self.scripts.run_async(call)
+        return removed > 0
+
+    async def truncate(self, qk: QueueKeys, below: int, group: str = "") -> int:
+        """Remove every item whose index is below `below`, a step at a time."""
+        total, more = 0, True
+        while more:
+            call = scripts.remove(qk, "below", [below, TRUNCATE_STEP], now_ms=now_ms(), group=group)
+            removed, more = await self.scripts.run_async(call)
+            total += removed
+        return total
+
+    async def search(self, qk: QueueKeys, index: int, group: str = WORKER_GROUP) -> Position | None:
+        """Where an item stands for one consumer group (the workers' group by default)."""
+        found = await self.scripts.run_async(scripts.search(qk, index, group=group))
+        if found is None:
+            return None
+        holder, pending, ahead = found
+        return Position(holder, pending, ahead)
+
+    async def status(self, service: str, request_id: str) -> RequestState | None:
+        raw = await self.scripts.run_async(scripts.status(service, request_id))
+        if raw is None:
+            return None
+        state = _text(raw[0])
+        if state == "queued":
+            return RequestState("queued", index=int(raw[1]), put_ms=int(raw[2] or 0), ahead=int(raw[3]))
+        if state == "running":
+            return RequestState("running", index=int(raw[1]), put_ms=int(raw[2] or 0), deliveries=int(raw[3]))
+        if state == "removed":
+            removed_ms, _, status = _text(raw[1]).partition(":")
+            return RequestState("removed", removed_ms=int(removed_ms or 0), status=int(status or 200))
+        _, index, tags_json, finished, message, size = raw
+        tags = json.loads(tags_json or b"{}")
+        return RequestState(
+            "done",
+            index=int(index),
+            status=int(tags.get("lastCode") or 200),
+            tags=tags,
+            finished_ms=int(finished or 0),
+            message=_text(message),
+            size=int(size),
+        )
+
+    async def live_workers(self, service: str) -> int:
+        return int(await self.redis.zcount(keys.live_workers(service), time.time(), "+inf"))
+
+    async def admit_rate(self, service: str, per_second: float) -> int:
+        """0 when a request is admitted under the rate limit, else ms until one would be."""
+        return await self.scripts.run_async(scripts.rate(service, per_second))
+
+    async def state(self, qk: QueueKeys) -> QueueState:
+        """One snapshot of a queue, read in one pipeline."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(qk.high)
+            pipe.xlen(qk.normal)
+            pipe.xrange(qk.high, count=1)
+            pipe.xrange(qk.normal, count=1)
+            pipe.xrevrange(qk.high, count=1)
+            pipe.xrevrange(qk.normal, count=1)
+            pipe.get(qk.seq)
+            pipe.zcount(keys.live_workers(qk.service), time.time(), "+inf")
+            pipe.hmget(qk.counts, ["waiting", "sink_used", "sink_bytes"])
+            (
+                high_len,
+                normal_len,
+                first_high,
+                first_normal,
+                last_high,
+                last_normal,
+                seq,
+                workers,
+                counts,
+            ) = await pipe.execute()
+        firsts = [e[0] for e in (first_high, first_normal) if e]
+        lasts = [keys.index_of(e[0][0]) for e in (last_high, last_normal) if e]
+        put_times = [int(fields[b"ts"]) / 1000 for _, fields in firsts if b"ts" in fields]
+        length = int(high_len) + int(normal_len)
+        waiting, used, size = (int(v or 0) for v in counts)
+        return QueueState(
+            length=length,
+            waiting=min(length, max(0, waiting)) if qk.queue == "input" else length,
+            first_index=min(keys.index_of(entry_id) for entry_id, _ in firsts) if firsts else 0,
+            last_index=max(lasts) if lasts else 0,
+            last_given=int(seq or 0),
+            oldest_put=min(put_times) if put_times else None,
+            live_workers=int(workers),
+            used=max(0, used),
+            bytes=max(0, size),
+        )
+
+    async def last_index(self, qk: QueueKeys) -> int:
+        return int(await self.redis.get(qk.seq) or 0)
+
+    # --- watches -------------------------------------------------------------------------
+
+    async def join(self, qk: QueueKeys, group: str, *, start_index: int, max_groups: int, idle_ms: int) -> bool:
+        call = scripts.join(qk, group, start_index=start_index, now_ms=now_ms(), max_groups=max_groups, idle_ms=idle_ms)
+        return await self.scripts.run_async(call)
+
+    async def deliver(
+        self,
+        qk: QueueKeys,
+        *,
+        group: str,
+        consumer: str,
+        want: int,
+        lease_ms: int,
+        tags: Mapping[str, str] | None,
+        max_bytes: int,
+    ) -> list[DataFrame] | None:
+        call = scripts.deliver(
+            qk, group=group, consumer=consumer, want=want, lease_ms=lease_ms, tags=tags, max_bytes=max_bytes
+        )
+        return await self.scripts.run_async(call)
+
+    async def held(self, qk: QueueKeys, *, group: str, consumer: str, mode: str, most: int) -> int:
+        return await self.scripts.run_async(scripts.held(qk, group=group, consumer=consumer, mode=mode, most=most))
+
+    async def seen_groups(self, qk: QueueKeys, groups: Sequence[str]) -> None:
+        """Mark client groups as having live consumers (join.lua evicts only groups unseen for a while)."""
+        if groups:
+            await self.redis.zadd(qk.groups, dict.fromkeys(groups, now_ms()), xx=True)
+
+    async def lapsed(self, qk: QueueKeys, group: str, lease_ms: int) -> bool:
+        """Whether `group` has an item whose lease lapsed (a consumer left it): its watchers should look."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in qk.streams:
+                pipe.xpending_range(stream, group, min="-", max="+", count=1, idle=lease_ms)
+            answers = await pipe.execute(raise_on_error=False)
+        return any(isinstance(answer, list) and answer for answer in answers)
+
+
+def queue_keys(service: str, queue: QueueName) -> QueueKeys:
+    return keys.queue_keys(service, queue)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

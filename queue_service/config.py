@@ -155,6 +155,8 @@ class Settings(BaseSettings):
     # API: open waits (long polls, streams) one process holds, in all and per service (429 past them).
     max_long_polls: int = Field(256, gt=0)
     max_long_polls_per_service: int = Field(128, gt=0)
+    # API: Redis connections for short commands (waits hold none; see store/connection.py).
+    redis_pool_size: int = Field(64, gt=0, le=4096)
     # API: a request body must arrive within this many seconds (408 after): a trickling client is cut off.
     body_timeout_seconds: float = Field(30.0, gt=0)
     # API: bytes of item data in one answer (a get, a watch take); always at least one item.

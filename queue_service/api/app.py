@@ -118,7 +118,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(fastapi_app: FastAPI) -> AsyncIterator[None]:
-        client = redis_client or connection.api_client(settings.redis_url)
+        client = redis_client or connection.api_client(settings.redis_url, settings.redis_pool_size)
         reader = redis_client or connection.blocking_client(settings.redis_url, BLOCK_MS / 1000)
         state = App(settings, services, client, reader, app_metrics)
         fastapi_app.state.qs = state

@@ -21,9 +21,11 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 CONNECT_TIMEOUT_SECONDS = 2.0
 # Short commands answer in microseconds; this bounds how long a frozen Redis can hold a caller (then 503).
 COMMAND_TIMEOUT_SECONDS = 7.0
-# Connections of the API for short commands. Waits (long polls, watches, sync answers) hold none of these:
-# they wait on one blocking connection per service (`blocking_client`).
-API_POOL_SIZE = 256
+# Connections of the API for short commands: a command takes microseconds, so a few dozen serve thousands of
+# concurrent requests (a caller waits for a free one), and a burst of clients cannot make the process hold
+# hundreds of connections. Waits (long polls, watches, sync answers) hold none of these: they wait on one
+# blocking connection per service (`blocking_client`).
+API_POOL_SIZE = 64
 API_POOL_WAIT_SECONDS = 5.0
 
 
@@ -45,11 +47,11 @@ def _common(socket_timeout: float | None) -> dict[str, Any]:
     }
 
 
-def api_client(url: str) -> redis.asyncio.Redis:
+def api_client(url: str, pool_size: int = API_POOL_SIZE) -> redis.asyncio.Redis:
     """The API's client for short commands: a bounded pool; under a burst, callers wait for a connection."""
     pool = redis.asyncio.BlockingConnectionPool.from_url(
         url,
-        max_connections=API_POOL_SIZE,
+        max_connections=pool_size,
         timeout=API_POOL_WAIT_SECONDS,
         retry=_retry(),
         **_common(COMMAND_TIMEOUT_SECONDS),

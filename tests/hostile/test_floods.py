@@ -166,6 +166,20 @@ def redis_calls_per_put(store: redis.Redis, http: httpx.Client) -> float:
     return (commands_executed(store) - before) / PUTS_MEASURED
 
 
+def redis_calls_per_commit(store: redis.Redis, http: httpx.Client) -> float:
+    """Commands Redis runs per result put into the sink and committed (a commit once acknowledged every group)."""
+    before = commands_executed(store)
+    for _ in range(PUTS_MEASURED):
+        put = http.post("/api/predict/echo/sink", content=b"cost?")
+        assert put.status_code == 200
+        assert http.put("/api/predict/echo/sink", params={"_indexes_": put.text}).status_code == 200
+    return (commands_executed(store) - before) / PUTS_MEASURED
+
+
+def xinfo_calls(store: redis.Redis) -> int:
+    return int(store.info("commandstats").get("cmdstat_xinfo", {}).get("calls", 0))
+
+
 async def watch_once(url: str, group: str) -> bool:
     """One watch in a made-up group: open it, take the item waiting in the sink, leave; True when it got it."""
     headers = {GID_HEADER: group, UID_HEADER: f"u-{secrets.token_hex(4)}"}
@@ -198,6 +212,7 @@ def test_made_up_consumer_groups_stay_bounded_and_puts_cost_what_they_did(
     try:
         with service.client() as http:
             cost_before = redis_calls_per_put(store, http)
+            commit_before = redis_calls_per_commit(store, http)
             # An item every new group is delivered, so each watch surely made its group before leaving.
             assert http.post("/api/predict/echo/sink", content=b"for every group").status_code == 200
             delivered = asyncio.run(flood())
@@ -209,7 +224,10 @@ def test_made_up_consumer_groups_stay_bounded_and_puts_cost_what_they_did(
             while max(groups().values()) > MAX_GROUPS and time.monotonic() < deadline:
                 time.sleep(0.5)
             groups_left = groups()
+            xinfo_before = xinfo_calls(store)
             cost_after = redis_calls_per_put(store, http)
+            commit_after = redis_calls_per_commit(store, http)
+            xinfo_on_hot_path = xinfo_calls(store) - xinfo_before
     finally:
         store.close()
 
@@ -222,6 +240,10 @@ def test_made_up_consumer_groups_stay_bounded_and_puts_cost_what_they_did(
         )
     if cost_after > cost_before * 1.1 + 1:
         problems.append(f"a put costs {cost_after:.1f} Redis commands after the flood, {cost_before:.1f} before")
+    if commit_after > commit_before * 1.1 + 1:
+        problems.append(f"a commit costs {commit_after:.1f} Redis commands after the flood, {commit_before:.1f} before")
+    if xinfo_on_hot_path:
+        problems.append(f"puts and commits ran XINFO {xinfo_on_hot_path} times (a scan of every group)")
     assert not problems, "\n".join(problems)
 
 

@@ -153,14 +153,14 @@ class Settings(BaseSettings):
     # Below Kubernetes' default 30 s termination grace, so the hand-back happens before SIGKILL.
     shutdown_grace_seconds: float = 25
     # API: open waits (long polls, streams) one process holds, in all and per service (429 past them).
-    max_long_polls: int = Field(256, gt=0)
-    max_long_polls_per_service: int = Field(128, gt=0)
+    max_long_polls: Annotated[int, Field(gt=0)] = 256
+    max_long_polls_per_service: Annotated[int, Field(gt=0)] = 128
     # API: Redis connections for short commands (waits hold none; see store/connection.py).
-    redis_pool_size: int = Field(64, gt=0, le=4096)
+    redis_pool_size: Annotated[int, Field(gt=0, le=4096)] = 64
     # API: a request body must arrive within this many seconds (408 after): a trickling client is cut off.
-    body_timeout_seconds: float = Field(30.0, gt=0)
+    body_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
     # API: bytes of item data in one answer (a get, a watch take); always at least one item.
-    max_answer_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    max_answer_bytes: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
 
     def load_services(self) -> ServicesFile:
         return load_services(self.services)

@@ -160,7 +160,7 @@ class RedisServer:
         self._wait_for_ping()
 
     def _wait_for_ping(self) -> None:
-        assert self._process is not None
+        assert self._process is not None and self.port is not None
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         try:

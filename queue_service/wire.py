@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.descriptor_pb2 import FieldDescriptorProto as _FD
 from google.protobuf.message import DecodeError
 
 from queue_service.protocol import PROTOBUF_MEDIA_TYPE
@@ -23,9 +24,6 @@ __all__ = ["PROTOBUF_MEDIA_TYPE", "DataFrame"]
 
 class WireError(ValueError):
     """Bytes that are not the protobuf message they claim to be."""
-
-
-_FD = descriptor_pb2.FieldDescriptorProto
 
 
 def _field(name: str, number: int, kind: int, *, repeated: bool = False, type_name: str = "") -> _FD:

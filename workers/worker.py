@@ -62,6 +62,9 @@ BROKEN_SERVICE_BACKOFF_SECONDS = 5.0
 # (a round trip each loop) runs at most this often.
 RQ_HEARTBEAT_MIN_INTERVAL_SECONDS = 5.0
 SUSPENSION_CHECK_SECONDS = 1.0
+# rq's state IDLE is written once the worker has had nothing to do this long: a worker that is busy most of
+# the time writes no state per item (`rq info` shows it busy up to this long after it went idle).
+IDLE_STATE_AFTER_SECONDS = 1.0
 
 
 class StartupStopped(BaseException):
@@ -129,6 +132,9 @@ class QueueWorker(SimpleWorker):
         )
         self._next_service = 0
         self._next_claim = dict.fromkeys(self._by_name, 0.0)
+        # A service whose last finish saw nothing waiting: its last index, to wait after without a take.
+        self._known_empty: dict[str, int] = {}
+        self._last_item_at = 0.0
         self._sink_full_warned = 0.0
         self._skip_until: dict[str, float] = {}
         self._last_suspension_check = 0.0
@@ -197,7 +203,7 @@ class QueueWorker(SimpleWorker):
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         # Written only when it changes: under a steady load the worker stays BUSY and writes nothing per item
-        # (IDLE is written when it is about to wait for work, see `_wait_for_work`).
+        # (IDLE is written once it has been idle a while, see `_write_idle`).
         if pipeline is None and state == self._state_in_redis:
             self._state = state
             return
@@ -211,6 +217,9 @@ class QueueWorker(SimpleWorker):
                 self._state_in_redis = state
 
     def _write_idle(self) -> None:
+        busy = self._state_in_redis == WorkerStatus.BUSY
+        if busy and time.monotonic() - self._last_item_at < IDLE_STATE_AFTER_SECONDS:
+            return
         if self._state_in_redis != WorkerStatus.IDLE:
             self._state_in_redis = None
             with contextlib.suppress(*REDIS_DOWN):
@@ -276,6 +285,10 @@ class QueueWorker(SimpleWorker):
             claim = now >= self._next_claim[service.name]
             if claim:
                 self._next_claim[service.name] = now + min(CLAIM_INTERVAL_SECONDS, service.queue.lease_seconds / 4)
+            elif service.name in self._known_empty:
+                # The last finish saw nothing waiting: wait after its last index (an item put since wakes us).
+                last[service.name] = self._known_empty.pop(service.name)
+                continue
             try:
                 taken = self.store.take(service.name, self._rules[service.name], claim=claim)
             except redis.ResponseError as exc:
@@ -342,8 +355,11 @@ class QueueWorker(SimpleWorker):
 
     def _publish(self, item: Item, outcome: Outcome, processing: float) -> bool:
         """Write the outcome; False when the item was no longer ours (its lease lapsed and another took it)."""
+        self._last_item_at = time.monotonic()
         try:
-            self._with_redis_retry(lambda: self.store.finish(item, outcome, processing))
+            finished = self._with_redis_retry(lambda: self.store.finish(item, outcome, processing))
+            if finished.waiting <= 0:
+                self._known_empty[item.service] = finished.last_index
         except ItemGone:
             if not self.keeper.lease_was_ours_when_gone(item):
                 return False

@@ -80,7 +80,7 @@ class Metrics:
             self.sink_items.labels(name).set(sink.length)
             self.sink_bytes.labels(name).set(sink.bytes)
             self.backlog_per_worker.labels(name).set(inputs.backlog_per_worker)
-            decoded = {k.decode(): float(v) for k, v in stats.items()}
+            decoded = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in stats.items()}
             for hist_name, family in histograms.items():
                 cumulative, buckets = 0.0, []
                 for bound in bucket_bounds():

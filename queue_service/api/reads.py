@@ -26,7 +26,7 @@ from queue_service.api.params import MAX_LENGTH
 from queue_service.api.preamble import QueueCall
 from queue_service.api.waiters import Match, for_request_id, from_index
 from queue_service.protocol import CLIENT_CLOSED, INDEX_HEADER, LAST_CODE_HEADER, REQUEST_ID_HEADER
-from queue_service.store.model import DataFrame
+from queue_service.store.model import DataFrame, Read
 from queue_service.wire import PROTOBUF_MEDIA_TYPE, encode_frame_list, frames_to_json, wants_protobuf
 
 # How long a read's reservation holds items for its answer (then, if never settled, they are back).
@@ -62,8 +62,8 @@ async def get_items(request: Request, call: QueueCall) -> Response:
     token = secrets.token_hex(8) if params.flag("_auto_delete_") else ""
     store, qk = call.app.store, call.qk
 
-    async def read() -> list[DataFrame]:
-        found = await store.read(
+    async def read() -> Read:
+        return await store.read(
             qk,
             start=start,
             length=1 if raw else length,
@@ -73,12 +73,12 @@ async def get_items(request: Request, call: QueueCall) -> Response:
             reserve_token=token,
             reserve_ms=RESERVE_MS,
         )
-        return found.frames
 
-    frames = await read()
+    first = await read()
+    frames = first.frames
     if not frames and timeout > 0:
         match = for_request_id(request_id) if request_id else None if tags else from_index(start)
-        frames, left = await long_poll(request, call, read, match, timeout)
+        frames, left = await long_poll(request, call, read, first.last_index, match, timeout)
         if left:  # the client left: nothing is answered, and nothing it might have taken is kept from others
             await store.settle_reserved(qk, frames, token, delivered=False)
             request.state.final_status = CLIENT_CLOSED
@@ -98,21 +98,29 @@ async def get_items(request: Request, call: QueueCall) -> Response:
 async def long_poll(
     request: Request,
     call: QueueCall,
-    read: Callable[[], Awaitable[list[DataFrame]]],
+    read: Callable[[], Awaitable[Read]],
+    last_index: int,
     match: Match | None,
     timeout: float,
 ) -> tuple[list[DataFrame], bool]:
-    """Read until something is there or `timeout` passes: (what was read, whether the client left meanwhile)."""
+    """Read until something is there or `timeout` passes: (what was read, whether the client left meanwhile).
+
+    `last_index` is the last index the caller's first read saw: if this process's reader has not gone past it,
+    every item put since wakes the waiter, and no second read is needed before waiting."""
     deadline = time.monotonic() + timeout
     with call.app.waits.hold(call.service.name):
         gone = ClientGone(request.receive)
         try:
-            async with call.app.waiters.of(call.qk).on_queue(call.queue, match) as waiter:
+            waiters = call.app.waiters.of(call.qk)
+            async with waiters.on_queue(call.queue, match) as waiter:
                 gone.on_gone(waiter.event.set)
+                look = not waiters.sees_after(call.queue, last_index)
                 while not gone.gone:
-                    frames = await read()  # registered first: nothing put after this read is missed
-                    if frames or time.monotonic() >= deadline:
-                        return frames, gone.gone
+                    if look:  # registered first: nothing put after this read is missed
+                        frames = (await read()).frames
+                        if frames or time.monotonic() >= deadline:
+                            return frames, gone.gone
+                    look = True
                     await waiter.wait(min(deadline - time.monotonic(), RECHECK_SECONDS))
             return [], True
         finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -46,11 +47,10 @@ async def call(request: Request, call: QueueCall) -> Response:
             )
         except NoLiveWorker:
             raise ApiError(503, f"no healthy upstream: no live worker serves service {service.name!r}") from None
-        left_client = asyncio.ensure_future(gone.wait())
+        left_client: asyncio.Future[Any] = asyncio.ensure_future(gone.wait())
+        waits: set[asyncio.Future[Any]] = {answer, left_client}
         try:
-            await asyncio.wait(
-                {answer, left_client}, timeout=max(0.0, deadline - time.monotonic()), return_when="FIRST_COMPLETED"
-            )
+            await asyncio.wait(waits, timeout=max(0.0, deadline - time.monotonic()), return_when="FIRST_COMPLETED")
         finally:
             left_client.cancel()
         if answer.done():

@@ -139,6 +139,11 @@ class ServiceWaiters:
             if not entry.waiters:
                 entry.idle_since = time.monotonic()
 
+    def sees_after(self, queue: QueueName, index: int) -> bool:
+        """Whether the reader will wake waiters for every item put after `index` (it has not read past it)."""
+        entry = self.queues.get(queue)
+        return entry is not None and entry.cursor is not None and entry.cursor <= index
+
     @contextlib.contextmanager
     def in_group(self, queue: QueueName, group: str, lease_ms: int, waiter: Waiter) -> Iterator[None]:
         entry = self.groups.setdefault((queue, group), _GroupWaiters(lease_ms))
@@ -224,7 +229,7 @@ class ServiceWaiters:
                 log.warning("waiting on %s: %s; retrying", self.service, exc)
                 await asyncio.sleep(READER_RETRY_SECONDS)
                 continue
-            self._dispatch(answer or [])
+            self._dispatch(list(answer or []))
 
     def _dispatch(self, answer: list) -> None:
         for stream, entries in answer:

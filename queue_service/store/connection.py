@@ -84,7 +84,7 @@ def outage_retry(
 ) -> tenacity.Retrying:
     """Keep retrying a call while Redis is unreachable, for up to `seconds` (or until `give_up()`), backing off
     to 5 s between tries: how late a caller notices Redis is back."""
-    stop = tenacity.stop_after_delay(seconds)
+    stop: tenacity.stop.stop_base = tenacity.stop_after_delay(seconds)
     if give_up is not None:
         stop = stop | tenacity.stop_when_event_set(_Flag(give_up))  # type: ignore[arg-type]
     return tenacity.Retrying(

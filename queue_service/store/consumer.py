@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from redis import Redis
 
 from queue_service.store import keys, scripts
 from queue_service.store.keys import WORKER_GROUP
-from queue_service.store.model import CANCELLED, HANDED_OVER, HELD, Item, LeaseState, Outcome, Taken
+from queue_service.store.model import CANCELLED, HANDED_OVER, HELD, Finished, Item, LeaseState, Outcome, Taken
 
 # Consumed results are remembered (`-<ms>` in the sink's request-id index) this long, so a client asking
 # later hears "finished, and its result was read" instead of "unknown".
@@ -57,7 +58,7 @@ class WorkerStore:
 
     def wait_for_new(self, after: Mapping[str, int], seconds: float) -> None:
         """Block until an item is put in these services' input queues after the given index, or `seconds` pass."""
-        streams: dict[str, str] = {}
+        streams: dict[Any, Any] = {}
         for service, index in after.items():
             qi = keys.input_queue(service)
             streams[qi.high] = streams[qi.normal] = keys.stream_id(index)
@@ -77,8 +78,8 @@ class WorkerStore:
         call = scripts.lease(item.stream, [item.entry_id], group=WORKER_GROUP, consumer=self.name, release=True)
         self.scripts.run(call)
 
-    def finish(self, item: Item, outcome: Outcome, processing_seconds: float = 0.0, *, held: bool = True) -> int:
-        """Publish the outcome and remove the item: the sink index written (0: none); NotHolder when not ours."""
+    def finish(self, item: Item, outcome: Outcome, processing_seconds: float = 0.0, *, held: bool = True) -> Finished:
+        """Publish the outcome and remove the item; NotHolder when it is not ours any more."""
         call = scripts.finish(
             item,
             outcome,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 
 TEXT_PLAIN = "text/plain; charset=utf-8"
 OCTET_STREAM = "application/octet-stream"
@@ -17,8 +17,10 @@ RELEASED_ONLY_MS = RELEASE_IDLE_MS // 2
 # How long a sync answer waits in its API process's reply stream (that process is already waiting).
 REPLY_TTL_MS = 60_000
 # What a lease renewal finds.
-HELD, CANCELLED, HANDED_OVER = "held", "cancelled", "handed-over"
 LeaseState = Literal["held", "cancelled", "handed-over"]
+HELD: Final = "held"
+CANCELLED: Final = "cancelled"
+HANDED_OVER: Final = "handed-over"
 
 
 class StoreError(Exception):
@@ -119,6 +121,15 @@ class Taken:
     items: list[Item]
     sink_full: bool = False
     last_index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A finish: the sink index written (0: none), and what the worker needs to know to go on without a take."""
+
+    sink_index: int
+    waiting: int  # items of the service still waiting for a worker
+    last_index: int  # the last index given out in the input queue
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from queue_service.store.model import (
     RELEASED_ONLY_MS,
     REPLY_TTL_MS,
     DataFrame,
+    Finished,
     Item,
     ItemGone,
     NoLiveWorker,
@@ -235,7 +236,7 @@ def finish(
     now_ms: int,
     processing_seconds: float = 0.0,
     held: bool = True,
-) -> Call[int]:
+) -> Call[Finished]:
     """Publish an item's outcome and remove it; NotHolder when the caller no longer holds it (ItemGone: nobody does).
 
     A sync request's answer goes to its API process's reply stream, never to the sink. An async result with
@@ -253,13 +254,13 @@ def finish(
     if outcome.status != 200:
         tags["lastCode"] = str(outcome.status)
 
-    def decode(raw: Any) -> int:
-        written = int(raw)
-        if written == FINISH_NOT_HOLDER:
+    def decode(raw: Any) -> Finished:
+        if not isinstance(raw, list):
+            if int(raw) == FINISH_GONE:
+                raise ItemGone(f"{item.service} #{item.index} is gone from the input queue")
             raise NotHolder(f"{item.service} #{item.index} is held by another consumer now")
-        if written == FINISH_GONE:
-            raise ItemGone(f"{item.service} #{item.index} is gone from the input queue")
-        return written
+        written, waiting, last_index = raw
+        return Finished(int(written), int(waiting), int(last_index))
 
     return Call(
         "finish",
@@ -271,6 +272,7 @@ def finish(
             qs.seq,
             qs.ids,
             keys.replies(item.service, item.reply_channel) if item.sync else qs.normal,
+            qi.seq,
         ],
         [
             consumer,

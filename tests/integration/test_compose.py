@@ -118,7 +118,7 @@ def test_api_publishes_its_port_and_checks_readiness(compose: dict[str, Any]) ->
     spec = service(compose, "api")
     assert "8000:8000" in spec["ports"]
     assert "--port" in spec["command"] and spec["command"][spec["command"].index("--port") + 1] == "8000"
-    assert "queue-service health" in " ".join(spec["healthcheck"]["test"])
+    assert "/readyz?scope=api" in " ".join(spec["healthcheck"]["test"])
 
 
 def test_worker_stops_gracefully_and_can_be_scaled(compose: dict[str, Any]) -> None:
@@ -264,7 +264,7 @@ def local_stack(compose: dict[str, Any], redis_server: RedisServer, tmp_path: Pa
     try:
         api = ManagedProcess(api_argv, name="compose-api", env=api_env, log_dir=tmp_path)
         processes.append(api)
-        wait_until_ready(api, lambda: _status(f"{base_url}/readyz") == 200, 30, "ready on /readyz")
+        wait_until_ready(api, lambda: _status(f"{base_url}/readyz?scope=api") == 200, 30, "ready on /readyz")
         worker = ManagedProcess(worker_argv, name="compose-worker", env=worker_env, log_dir=tmp_path)
         processes.append(worker)
         wait_until_ready(worker, lambda: _workers_serve_all(base_url), 60, "live for every service")

@@ -6,8 +6,9 @@
 --       stream; any key of the service when the answer goes to the sink)
 -- ARGV: consumer, id, held (1|0), mode (sink|reply|none), rid, data, tags_json, ts_ms, message,
 --       status, content_type, queue_wait, processing, reply_ttl_ms, reply_maxlen
--- Returns the sink index written, 0 when nothing went to the sink, -1 when another consumer holds the item
--- now, -2 when it is gone (removed while held: cancelled, or finished by a worker that took it over).
+-- KEYS[8]: in_seq. Returns {sink index written (0: none), items still waiting, last input index}, so that a
+-- worker that sees none waiting waits for new ones without another take; or -1 when another consumer holds
+-- the item now, -2 when it is gone (removed while held: cancelled, or finished by a worker that took it over).
 local consumer, id, held, mode, rid, data = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], ARGV[5], ARGV[6]
 if held then
   local owner = owner_of(KEYS[1], WORKER_GROUP, id)
@@ -36,4 +37,4 @@ if held then
   if mode == 'reply' then f['reply'] = '1' end
   remove_item(Q, id, f, nil, ARGV[8], mode == 'sink')
 end
-return out
+return {out, num(redis.call('HGET', KEYS[3], 'waiting')), num(redis.call('GET', KEYS[8]))}

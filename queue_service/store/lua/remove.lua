@@ -43,10 +43,14 @@ for j = 6, #ARGV do
   end
   if index then
     local id = sid(index)
-    for i = 1, 2 do
+    -- The normal stream first (nearly every item is there); an index lives in one stream only.
+    for _, i in ipairs({2, 1}) do
       local f = entry(KEYS[i], id)
-      if f and not (mode == 'waiting' and owner_of(KEYS[i], WORKER_GROUP, id)) then
-        removed = removed + remove_item(queue(i), id, f, group, now_ms)
+      if f then
+        if not (mode == 'waiting' and owner_of(KEYS[i], WORKER_GROUP, id)) then
+          removed = removed + remove_item(queue(i), id, f, group, now_ms)
+        end
+        break
       end
     end
   end

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -106,20 +107,7 @@ def up(
     else:
         env.pop("QS_SERVICES", None)
 
-    # Every check before anything starts: a failure leaves nothing running and says one line.
-    try:
-        listener = bind_listener(host, port)
-    except PreflightError as exc:
-        raise click.ClickException(str(exc)) from None
-    try:
-        if redis_url:
-            check_redis(redis_url)
-        served_here = [s for s in services.services if counts[s.name] > 0]
-        if served_here:
-            check_processors(served_here, settings.preflight_timeout_seconds, env=env)
-    except PreflightError as exc:
-        listener.close()
-        raise click.ClickException(str(exc)) from None
+    listener = _check_before_start(services, counts, host, port, redis_url, settings, env)
     _warn_open_services(services, host, port)
 
     redis_server: RedisServer | None = None
@@ -152,7 +140,8 @@ def up(
             supervisor.add_workers(service.name, worker_command(redis_url, service.name), counts[service.name])
             count = counts[service.name]
             click.echo(f"{service.name}: {count} worker{'' if count == 1 else 's'}", err=True)
-        click.echo(f"API on http://{host}:{port}; Ctrl-C stops everything", err=True)
+        shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
+        click.echo(f"API on http://{shown_host}:{port}; Ctrl-C stops everything", err=True)
         supervisor.run(lambda: stopping)
     except SupervisionFailed as exc:
         failure = exc
@@ -162,6 +151,33 @@ def up(
             redis_server.stop()
     if failure is not None:
         raise click.ClickException(str(failure))
+
+
+def _check_before_start(
+    services: ServicesFile,
+    counts: dict[str, int],
+    host: str,
+    port: int,
+    redis_url: str | None,
+    settings: UpSettings,
+    env: dict[str, str],
+) -> socket.socket:
+    """Every check before anything starts: the API's bound socket, or one line and exit 1, nothing left."""
+    try:
+        listener = bind_listener(host, port)
+    except PreflightError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        if redis_url:
+            check_redis(redis_url)
+        # Services without workers here are served elsewhere: their processors need not load on this machine.
+        served_here = [service for service in services.services if counts[service.name] > 0]
+        if served_here:
+            check_processors(served_here, settings.preflight_timeout_seconds, env=env)
+    except PreflightError as exc:
+        listener.close()
+        raise click.ClickException(str(exc)) from None
+    return listener
 
 
 def _warn_open_services(services: ServicesFile, host: str, port: int) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from queue_service.embedded_redis import free_port
+from queue_service.embedded_redis import RedisServer, free_port
 from tests.conftest import ServicesFileFactory
 from tests.integration.conftest import REQUEST_ID, SLEEP, wait_until
 
@@ -386,3 +386,24 @@ def test_a_slow_model_does_not_keep_other_services_waiting(
     assert sorted(argv[-1] for argv in workers) == ["echo", "echo", "slow"], workers
     readiness = httpx.get(f"{service.url}/readyz", timeout=5).json()
     assert readiness["services_without_workers"] == ["slow"]
+
+
+def test_up_on_an_existing_redis_runs_the_given_workers_per_service(
+    up: Callable[..., Up], services_file: ServicesFileFactory, redis_server: RedisServer
+) -> None:
+    # As the shared benchmark harness starts it: its own Redis, `--workers 2`, one service.
+    path = services_file([{"name": "echo", "processor": "workers.examples:Echo", "token": TOKEN}])
+    service = up("--services", str(path), "--redis-url", redis_server.url, workers=2)
+    service.wait_until_ready()
+
+    def live_workers() -> bool:
+        attributes = httpx.get(
+            f"{service.url}/api/predict/echo", params={"_attrs_": "true"}, headers={"Authorization": TOKEN}, timeout=5
+        ).json()
+        return attributes["workers.live"] == "2"
+
+    wait_until(live_workers, 30, f"2 live workers; log:\n{service.log()}")
+    assert "embedded" not in service.log()
+    assert service.ctrl_c() < 40 and service.process.returncode == 0
+    assert not service.left_running(), service.left_running()
+    assert redis_server.is_running()  # not ours to stop

@@ -4,39 +4,37 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
+import socket
 import sys
-import time
 from pathlib import Path
 
 import click
+from pydantic import ValidationError
 
 from queue_service.client_cli import attrs, get, health, put, watch
-from queue_service.config import ConfigError, load_services
+from queue_service.config import ConfigError, ServicesFile, load_services
 from queue_service.embedded_redis import RedisServer, RedisServerError, RedisServerNotFound
+from queue_service.preflight import PreflightError, bind_listener, check_processors, check_redis
+from queue_service.supervisor import SupervisionFailed, Supervisor, UpSettings
 
 WORKER_CLASS = "workers.worker.QueueWorker"
-# A worker that keeps dying is restarted at most this often, so a broken processor cannot spin.
-RESTART_DELAY_SECONDS = 2.0
-# How long workers may take to stop once the embedded Redis is gone: they can hand in nothing more.
-LOST_REDIS_GRACE_SECONDS = 2.0
 
 
-def worker_command(redis_url: str) -> list[str]:
-    return [sys.executable, "-m", "rq.cli", "worker", "-w", WORKER_CLASS, "--url", redis_url]
+def worker_command(redis_url: str, service: str) -> list[str]:
+    """One worker of one service: it loads only that service's processor."""
+    return [sys.executable, "-m", "rq.cli", "worker", "-w", WORKER_CLASS, "--url", redis_url, service]
 
 
-def api_command(host: str, port: int) -> list[str]:
+def api_command(fd: int) -> list[str]:
+    """The API on a socket `up` has bound already (see preflight.bind_listener)."""
     return [
         sys.executable,
         "-m",
         "uvicorn",
         "queue_service.api:create_app",
         "--factory",
-        "--host",
-        host,
-        "--port",
-        str(port),
+        "--fd",
+        str(fd),
         "--no-access-log",
     ]
 
@@ -71,7 +69,7 @@ for command in (put, get, watch, attrs, health):
     "--workers",
     "worker_count",
     type=click.IntRange(min=0),
-    help="rq worker processes to run. Default: the largest metadata.rpc.worker_threads.",
+    help="rq worker processes per service. Default: each service's metadata.rpc.worker_threads.",
 )
 def up(
     services_file: Path | None,
@@ -83,6 +81,10 @@ def up(
 ) -> None:
     """Run the service on this machine: Redis (embedded unless --redis-url), the API and workers.
 
+    Each service gets workers of its own, which load only its processor. Before starting anything,
+    `up` checks that the port is free, that Redis answers and that every processor can be loaded;
+    a worker that keeps failing at start is retried with backoff, then `up` gives up (exit 1).
+
     \b
     Example:
       queue-service up
@@ -90,33 +92,34 @@ def up(
     Ctrl-C stops every process it started.
     """
     try:
+        settings = UpSettings()
         services = load_services(services_file)
+    except ValidationError as exc:
+        problems = "; ".join(f"QS_UP_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors())
+        raise click.ClickException(problems) from None
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    for service in services.services:
-        if not service.token:
-            click.secho(
-                f"warning: service {service.name!r} has no token: anyone who can reach {host}:{port} can use it",
-                fg="yellow",
-                err=True,
-            )
-    if worker_count is None:
-        worker_count = max(service.rpc.worker_threads for service in services.services)
+    counts = {s.name: s.rpc.worker_threads if worker_count is None else worker_count for s in services.services}
+
+    env = dict(os.environ)
+    if services_file:
+        env["QS_SERVICES"] = str(services_file.resolve())
+    else:
+        env.pop("QS_SERVICES", None)
+
+    listener = _check_before_start(services, counts, host, port, redis_url, settings, env)
+    _warn_open_services(services, host, port)
 
     redis_server: RedisServer | None = None
     if not redis_url:
         try:
             redis_server = RedisServer(data_dir=data_dir, appendonly=data_dir is not None).start()
         except (RedisServerNotFound, RedisServerError) as exc:
+            listener.close()
             raise click.ClickException(str(exc)) from None
         redis_url = redis_server.url
         click.echo(f"redis-server (embedded) on {redis_url}", err=True)
-
-    env = dict(os.environ, QS_REDIS_URL=redis_url)
-    if services_file:
-        env["QS_SERVICES"] = str(services_file.resolve())
-    else:
-        env.pop("QS_SERVICES", None)
+    env["QS_REDIS_URL"] = redis_url
 
     stopping = False
 
@@ -127,47 +130,64 @@ def up(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
 
-    api = subprocess.Popen(api_command(host, port), env=env)
-    workers = [subprocess.Popen(worker_command(redis_url), env=env) for _ in range(worker_count)]
-    click.echo(f"API on http://{host}:{port} with {worker_count} worker(s); Ctrl-C stops everything", err=True)
+    supervisor = Supervisor(env, settings, say=lambda line: click.echo(line, err=True))
+    failure: SupervisionFailed | None = None
     try:
-        while not stopping:
-            time.sleep(0.5)
-            if api.poll() is not None:
-                click.echo(f"the API exited with code {api.returncode}; stopping", err=True)
-                break
-            for i, worker in enumerate(workers):
-                if worker.poll() is not None and not stopping:
-                    click.echo(f"worker {worker.pid} exited with code {worker.returncode}; restarting", err=True)
-                    time.sleep(RESTART_DELAY_SECONDS)
-                    workers[i] = subprocess.Popen(worker_command(redis_url), env=env)
+        supervisor.start_api(api_command(listener.fileno()), pass_fds=[listener.fileno()])
+        # The API holds the socket now; this process must not keep the port once the API is gone.
+        listener.close()
+        for service in services.services:
+            supervisor.add_workers(service.name, worker_command(redis_url, service.name), counts[service.name])
+            count = counts[service.name]
+            click.echo(f"{service.name}: {count} worker{'' if count == 1 else 's'}", err=True)
+        shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
+        click.echo(f"API on http://{shown_host}:{port}; Ctrl-C stops everything", err=True)
+        supervisor.run(lambda: stopping)
+    except SupervisionFailed as exc:
+        failure = exc
     finally:
-        _stop_all([*workers, api], redis_server=redis_server)
+        supervisor.stop_all(redis_server=redis_server)
         if redis_server is not None:
             redis_server.stop()
+    if failure is not None:
+        raise click.ClickException(str(failure))
 
 
-def _stop_all(
-    processes: list[subprocess.Popen[bytes]], grace: float = 30.0, redis_server: RedisServer | None = None
-) -> None:
-    """SIGTERM everyone (workers finish the item in hand), then SIGKILL what is left after `grace`.
+def _check_before_start(
+    services: ServicesFile,
+    counts: dict[str, int],
+    host: str,
+    port: int,
+    redis_url: str | None,
+    settings: UpSettings,
+    env: dict[str, str],
+) -> socket.socket:
+    """Every check before anything starts: the API's bound socket, or one line and exit 1, nothing left."""
+    try:
+        listener = bind_listener(host, port)
+    except PreflightError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        if redis_url:
+            check_redis(redis_url)
+        # Services without workers here are served elsewhere: their processors need not load on this machine.
+        served_here = [service for service in services.services if counts[service.name] > 0]
+        if served_here:
+            check_processors(served_here, settings.preflight_timeout_seconds, env=env)
+    except PreflightError as exc:
+        listener.close()
+        raise click.ClickException(str(exc)) from None
+    return listener
 
-    The embedded redis-server runs in its own session, so Ctrl-C does not stop it first; but if it
-    is gone anyway (killed), a worker would keep retrying to write its result to it, and waiting the
-    whole grace would only delay the exit.
-    """
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(process.poll() is None for process in processes):
-        if redis_server is not None and not redis_server.is_running():
-            deadline = min(deadline, time.monotonic() + LOST_REDIS_GRACE_SECONDS)
-        time.sleep(0.05)
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+
+def _warn_open_services(services: ServicesFile, host: str, port: int) -> None:
+    for service in services.services:
+        if not service.token:
+            click.secho(
+                f"warning: service {service.name!r} has no token: anyone who can reach {host}:{port} can use it",
+                fg="yellow",
+                err=True,
+            )
 
 
 if __name__ == "__main__":

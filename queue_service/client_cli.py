@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shlex
 import sys
 import time
 import uuid
@@ -24,6 +25,7 @@ EXIT_REFUSED = 1  # the server said no: an error status, a processor's error res
 EXIT_USAGE = 2  # click's own code for a bad command line
 EXIT_TIMEOUT = 3  # no result within --timeout
 EXIT_NO_CONNECTION = 4  # the API cannot be reached
+EXIT_INTERRUPTED = 130  # Ctrl-C while waiting (128 + SIGINT, as shells report it)
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -32,6 +34,7 @@ Exit codes:
   2  usage error (bad options or arguments)
   3  timed out waiting for a result
   4  cannot connect to the API
+  130  interrupted (Ctrl-C) while waiting; the request stays queued
 """
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -214,9 +217,29 @@ def wait_for_result(
                 progress.finish("still no result")
             raise CliError(
                 f"no result for request id {request_id} after {timeout:g}s; it may still come: "
-                f"queue-service get --service {service} --timeout 60 {request_id}",
+                f"{get_command(api, service, request_id, timeout=60)}",
                 EXIT_TIMEOUT,
             )
+
+
+def get_command(api: Api, service: str, request_id: str, timeout: float | None = None) -> str:
+    """The `queue-service get` command line that fetches this result later (the token is not shown)."""
+    words = ["queue-service", "get", "-s", service]
+    if api.url != DEFAULT_URL:
+        words += ["--url", api.url]
+    if timeout is not None:
+        words += ["--timeout", f"{timeout:g}"]
+    return shlex.join([*words, request_id])
+
+
+def warn_if_no_live_worker(api: Api, service: str) -> None:
+    """Say once that nobody serves the service yet: a put waits for a worker, it is not refused."""
+    try:
+        live = int(api.attributes(service, sink=False).get("workers.live", "1"))
+    except (CliError, ValueError):
+        return  # only a hint: the wait that follows reports real failures itself
+    if live == 0:
+        click.echo(f"no live worker for {service}: the request waits in the queue until a worker starts", err=True)
 
 
 def emit_result(result: Result, raw: bool) -> None:
@@ -315,8 +338,10 @@ def put(
     """Put a body (FILE, or stdin) on a service's input queue.
 
     Without --wait, prints the index and the request id, tab-separated. With --wait, prints the
-    result body; while waiting, a terminal shows the position in the queue, then running, then
-    done, with the elapsed time (nothing is shown when stderr is not a terminal).
+    result body; on a terminal, the request id is shown as soon as the put is accepted, then the
+    position in the queue, running, and done, with the elapsed time (nothing is shown when stderr
+    is not a terminal). Ctrl-C while waiting prints the `get` command that fetches the result
+    later, and exits 130. A service with no live worker is named once; the wait goes on.
 
     \b
     Examples:
@@ -337,7 +362,21 @@ def put(
         return
     stderr = click.get_text_stream("stderr")
     progress = Progress(stderr, f"{service} #{index}", started) if stderr.isatty() else None
-    result = wait_for_result(api, service, request_id, timeout=timeout, keep=keep, index=index, progress=progress)
+    try:
+        if progress is not None:
+            # Before anything else can go wrong: the id is what fetches the result later.
+            click.echo(f"accepted: index {index}, request id {request_id}", err=True)
+        warn_if_no_live_worker(api, service)
+        result = wait_for_result(api, service, request_id, timeout=timeout, keep=keep, index=index, progress=progress)
+    except KeyboardInterrupt:
+        if progress is not None:
+            stderr.write("\n")  # end the progress line
+        click.echo(
+            f"interrupted; the request goes on (request id {request_id}). Get its result later with: "
+            f"{get_command(api, service, request_id, timeout=60)}",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
     emit_result(result, raw)
 
 

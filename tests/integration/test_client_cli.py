@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
+import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -20,12 +23,14 @@ import pytest
 from queue_service.embedded_redis import RedisServer, free_port
 from tests.conftest import ServicesFileFactory
 from tests.support.processes import ManagedProcess, start_api, start_worker
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
 CLI = str(Path(sys.executable).parent / "queue-service")
 TOKEN = "cli-test-token"
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_NO_CONNECTION = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
 CLIENT_COMMANDS = ("put", "get", "watch", "attrs", "health")
 
 
@@ -127,44 +132,115 @@ def test_put_a_file_then_get_its_result_by_request_id(stack: Stack, tmp_path: Pa
     assert request_id in gone.stderr.decode()
 
 
+class Terminal:
+    """A pseudo-terminal for a CLI's stderr, as a person sees it; everything written to it is kept."""
+
+    def __init__(self) -> None:
+        self.reader_fd, self.fd = pty.openpty()
+        self.seen = bytearray()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.reader_fd, 1024)
+            except OSError:  # the CLI exited and closed the terminal
+                return
+            if not chunk:
+                return
+            self.seen.extend(chunk)
+
+    def text(self) -> str:
+        return self.seen.decode(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while (found := re.search(pattern, self.text())) is None:
+            assert time.monotonic() < deadline, f"{pattern!r} not shown within {timeout:g} s: {self.text()!r}"
+            time.sleep(0.05)
+        return found
+
+    def spawn(self, *args: str) -> subprocess.Popen[bytes]:
+        """The CLI with this terminal as its stderr (stdin and stdout are pipes)."""
+        process = subprocess.Popen(
+            [CLI, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.fd, env=cli_env(QS_TOKEN=TOKEN)
+        )
+        os.close(self.fd)  # the child holds it now: the reader sees the end when the child exits
+        return process
+
+    def close(self) -> None:
+        self._thread.join(timeout=5)
+        os.close(self.reader_fd)
+
+
 def test_put_wait_shows_queue_position_then_running_then_done_on_a_terminal(stack: Stack) -> None:
     # One worker: the first sleep runs, the second waits, ours waits behind it.
     first, _ = put_and_get_id(stack, "sleep", b"3")
     wait_until_running(stack, "sleep", first)
     put_and_get_id(stack, "sleep", b"0.5")
-    terminal, terminal_side = pty.openpty()
-    seen = bytearray()
-
-    def read_terminal() -> None:
-        while True:
-            try:
-                chunk = os.read(terminal, 1024)
-            except OSError:  # the CLI exited and closed the terminal
-                return
-            if not chunk:
-                return
-            seen.extend(chunk)
-
-    reader = threading.Thread(target=read_terminal, daemon=True)
-    reader.start()
-    with subprocess.Popen(
-        [CLI, "put", "-s", "sleep", "--wait", "--url", stack.url],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=terminal_side,
-        env=cli_env(QS_TOKEN=TOKEN),
-    ) as process:
-        os.close(terminal_side)
+    terminal = Terminal()
+    with terminal.spawn("put", "-s", "sleep", "--wait", "--url", stack.url) as process:
         stdout, _ = process.communicate(b"1.5", timeout=60)
-    reader.join(timeout=5)
-    os.close(terminal)
-    assert process.returncode == EXIT_OK, seen.decode(errors="replace")
+    terminal.close()
+    assert process.returncode == EXIT_OK, terminal.text()
     assert json.loads(stdout) == {"slept": 1.5}
-    shown = seen.decode(errors="replace")
+    shown = terminal.text()
+    assert "accepted: index" in shown
     assert "1 ahead in queue" in shown
     assert "running on" in shown
     assert "done in" in shown
-    assert shown.index("ahead in queue") < shown.index("running on") < shown.index("done in")
+    assert shown.index("accepted") < shown.index("ahead in queue") < shown.index("running on") < shown.index("done in")
+
+
+def test_ctrl_c_during_put_wait_keeps_the_request_id_and_says_how_to_get_the_result(stack: Stack) -> None:
+    terminal = Terminal()
+    with terminal.spawn("put", "-s", "sleep", "--wait", "--url", stack.url) as process:
+        assert process.stdin is not None
+        process.stdin.write(b"2")
+        process.stdin.close()
+        # The id is on the terminal as soon as the put is accepted, long before any result.
+        accepted = terminal.wait_for(r"accepted: index (\d+), request id ([0-9a-f-]+)")
+        request_id = accepted.group(2)
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=30)
+    terminal.close()
+    shown = terminal.text()
+    assert code == EXIT_INTERRUPTED, shown
+    assert "Traceback" not in shown
+    command = re.search(r"queue-service get (.+)", shown)
+    assert command and "-s sleep" in command.group(1) and request_id in command.group(1), shown
+    # The command printed works: the request went on, and its result is there to get.
+    later = run_cli("get", *shlex.split(command.group(1).strip()))
+    assert later.returncode == EXIT_OK, later.stderr
+    assert json.loads(later.stdout) == {"slept": 2}
+
+
+def test_put_wait_without_a_live_worker_says_so_once_and_keeps_waiting(api_only: Stack, tmp_path: Path) -> None:
+    stderr_path = tmp_path / "put.stderr"
+    with (
+        open(stderr_path, "wb") as stderr,
+        subprocess.Popen(
+            [CLI, "put", "-s", "echo", "--wait", "--url", api_only.url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=cli_env(QS_TOKEN=TOKEN),
+        ) as process,
+    ):
+        assert process.stdin is not None
+        process.stdin.write(b"hello")
+        process.stdin.close()
+        wait_until(lambda: b"no live worker" in stderr_path.read_bytes(), 30, "told there is no live worker")
+        assert process.poll() is None  # still waiting: an async put waits for a worker
+        api_only.add_worker()
+        assert process.stdout is not None
+        stdout = process.stdout.read()
+        process.wait(timeout=60)
+    assert process.returncode == EXIT_OK, stderr_path.read_text()
+    assert stdout == b"hello\n"
+    told = stderr_path.read_text()
+    assert told.count("no live worker") == 1 and "echo" in told, told
 
 
 def test_a_processor_error_is_printed_and_exits_1(stack: Stack) -> None:

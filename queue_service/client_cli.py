@@ -55,7 +55,7 @@ class CliError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it per exception; its ClassVar is a default
 
 
 # --- the API over HTTP -------------------------------------------------------------------
@@ -68,15 +68,6 @@ class Result:
     body: bytes
     status: int
     request_id: str
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where an input item stands: waiting with `ahead` items before it, or running on `consumer`."""
-
-    running: bool
-    ahead: int
-    consumer: str
 
 
 class Api:
@@ -129,14 +120,14 @@ class Api:
         status = int(response.headers.get(LAST_CODE_HEADER) or 200)
         return Result(response.content, status, response.headers.get(REQUEST_ID_HEADER, request_id))
 
-    def position(self, service: str, index: int) -> Position | None:
-        """Where input item `index` stands; None once it has left the input queue (processed)."""
-        params = {"_search_": "true", "_index_": str(index)}
+    def status(self, service: str, request_id: str) -> dict[str, Any] | None:
+        """What a request is doing (`_status_`): queued, running, or how it ended; None for an unknown id."""
+        params = {"requestId": request_id, "_status_": "true"}
         response = self.request("GET", queue_path(service), params=params, accept=(404,))
         if response.status_code == 404:
             return None
-        found = response.json()
-        return Position(bool(found["IsPending"]), int(found["WaitCount"]), str(found["ConsumerId"]))
+        found: dict[str, Any] = response.json()
+        return found
 
     def commit(self, service: str, index: int, sink: bool) -> None:
         self.request("PUT", queue_path(service, sink=sink), params={"_indexes_": str(index)})
@@ -144,8 +135,8 @@ class Api:
     def attributes(self, service: str, sink: bool) -> dict[str, str]:
         return self.request("GET", queue_path(service, sink=sink), params={"_attrs_": "true"}).json()
 
-    def readiness(self) -> httpx.Response:
-        return self.request("GET", "/readyz", accept=(503,))
+    def readiness(self, api_only: bool = False) -> httpx.Response:
+        return self.request("GET", "/readyz", params={"scope": "api"} if api_only else None, accept=(503,))
 
 
 def queue_path(service: str, sink: bool = False) -> str:
@@ -180,14 +171,40 @@ class Progress:
         self.stream.flush()
 
 
-def describe(position: Position | None) -> str:
-    if position is None:
-        return "processed, reading the result"
-    if position.running:
-        return f"running on {position.consumer}" if position.consumer else "running"
-    if position.ahead == 0:
-        return "waiting, next in queue"
-    return f"waiting, {position.ahead} ahead in queue"
+def describe(status: dict[str, Any] | None) -> str:
+    """One phrase for the progress line, from a `_status_` answer."""
+    state = status.get("state") if status else None
+    if state == "queued":
+        ahead = int(status.get("position", 0)) if status else 0
+        return "waiting, next in queue" if ahead == 0 else f"waiting, {ahead} ahead in queue"
+    if state == "running":
+        deliveries = int(status.get("deliveries", 1)) if status else 1
+        return "running" if deliveries <= 1 else f"running (delivery {deliveries})"
+    return "processed, reading the result"
+
+
+def explain_missing(api: Api, service: str, request_id: str, timeout: float | None) -> CliError:
+    """Why there is no result to print, as far as the service knows (`_status_`), with the matching exit code."""
+    status = api.status(service, request_id)
+    if status is None:
+        return CliError(
+            f"request id {request_id} is unknown to service {service} (never accepted there, or it finished "
+            "more than a day ago)",
+            EXIT_REFUSED,
+        )
+    state = status.get("state")
+    if status.get("result") == "removed":
+        return CliError(
+            f"request {request_id} finished ({state}, status {status.get('statusCode')}), and its result was "
+            "already read with auto-delete (or deleted): nothing is left to get",
+            EXIT_REFUSED,
+        )
+    waited = f" after {timeout:g}s" if timeout else ""
+    return CliError(
+        f"no result for request id {request_id}{waited}: it is {describe(status)}; it will come: "
+        f"{get_command(api, service, request_id, timeout=60)}",
+        EXIT_TIMEOUT,
+    )
 
 
 def wait_for_result(
@@ -197,15 +214,14 @@ def wait_for_result(
     *,
     timeout: float | None,
     keep: bool,
-    index: int | None = None,
     progress: Progress | None = None,
 ) -> Result:
     """Long-poll the sink until the result of `request_id` is there; CliError(EXIT_TIMEOUT) after `timeout`."""
     deadline = None if timeout is None else time.monotonic() + timeout
     poll = PROGRESS_POLL_SECONDS if progress else QUIET_POLL_SECONDS
     while True:
-        if progress is not None and index is not None:
-            progress.show(describe(api.position(service, index)))
+        if progress is not None:
+            progress.show(describe(api.status(service, request_id)))
         left = poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic()))
         result = api.result(service, request_id, left, keep)
         if result is not None:
@@ -215,11 +231,7 @@ def wait_for_result(
         if deadline is not None and time.monotonic() >= deadline:
             if progress is not None:
                 progress.finish("still no result")
-            raise CliError(
-                f"no result for request id {request_id} after {timeout:g}s; it may still come: "
-                f"{get_command(api, service, request_id, timeout=60)}",
-                EXIT_TIMEOUT,
-            )
+            raise explain_missing(api, service, request_id, timeout)
 
 
 def get_command(api: Api, service: str, request_id: str, timeout: float | None = None) -> str:
@@ -360,14 +372,14 @@ def put(
     if not wait:
         click.echo(f"{index}\t{request_id}")
         return
-    stderr = click.get_text_stream("stderr")
+    stderr = sys.stderr
     progress = Progress(stderr, f"{service} #{index}", started) if stderr.isatty() else None
     try:
         if progress is not None:
             # Before anything else can go wrong: the id is what fetches the result later.
             click.echo(f"accepted: index {index}, request id {request_id}", err=True)
         warn_if_no_live_worker(api, service)
-        result = wait_for_result(api, service, request_id, timeout=timeout, keep=keep, index=index, progress=progress)
+        result = wait_for_result(api, service, request_id, timeout=timeout, keep=keep, progress=progress)
     except KeyboardInterrupt:
         if progress is not None:
             stderr.write("\n")  # end the progress line
@@ -511,25 +523,29 @@ def attrs(service: str, url: str, token: str | None, sink: bool) -> None:
 
 @client_command
 @url_option
-@click.option("--require-workers", is_flag=True, help="Also exit 1 when a service has no live worker.")
-def health(url: str, require_workers: bool) -> None:
-    """Check that the API is ready (GET /readyz): it answers and reaches Redis.
+@click.option("--api-only", is_flag=True, help="Only check that the API answers and reaches Redis.")
+def health(url: str, api_only: bool) -> None:
+    """Check that every service can serve now (GET /readyz): Redis reachable, a live worker, room in its sink.
 
-    Exits 0 when ready, and says which services have no live worker (their requests wait in the
-    queue until one starts); exits 1 when the API cannot reach Redis.
+    Exits 0 when all can, and prints each service that cannot with why (exit 1); exits 1 when the API
+    cannot reach Redis. With --api-only, only the API and its Redis are checked (async puts are accepted
+    with no worker: that is what a load balancer wants to know).
 
     \b
     Examples:
       queue-service health && echo ready
-      queue-service health --url http://gpu-box:8000 --require-workers
+      queue-service health --url http://gpu-box:8000 --api-only
     """
-    response = Api(url, None).readiness()
+    response = Api(url, None).readiness(api_only)
     body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
-    if response.status_code != 200:
-        _fail(f"not ready: {body.get('redis') or _detail(response)}", EXIT_REFUSED)
-    without = body.get("services_without_workers") or []
-    click.echo(f"ready: Redis {body.get('redis', 'ok')}")
-    if without:
-        click.echo(f"no live worker for: {', '.join(without)}")
-        if require_workers:
-            sys.exit(EXIT_REFUSED)
+    if body.get("redis", "ok") != "ok":
+        _fail(f"not ready: Redis {body.get('redis')}", EXIT_REFUSED)
+    if response.status_code == 200:
+        click.echo("ready: Redis ok" + ("" if api_only else ", every service can serve"))
+        return
+    if response.status_code != 503 or "services" not in body:
+        _fail(f"not ready: {_detail(response)}", EXIT_REFUSED)
+    for name, verdict in body["services"].items():
+        if not verdict.get("ready"):
+            click.echo(f"{name}: cannot serve: {'; '.join(verdict.get('reasons', []))}")
+    sys.exit(EXIT_REFUSED)

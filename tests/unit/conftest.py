@@ -12,6 +12,12 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+# Starlette's FileResponse (the /docs assets) imports anyio's file I/O lazily, deep in a request's stack,
+# and pytest rewrites anyio's modules on import (anyio is a pytest plugin). On CPython 3.11.7 that compile()
+# can fail with "AST constructor recursion depth mismatch" once an earlier test has failed: importing it
+# here, at the top level, keeps one failing test from failing another.
+from anyio import open_file  # noqa: F401
+
 from queue_service.embedded_redis import RedisServer
 
 

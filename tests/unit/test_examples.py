@@ -9,14 +9,15 @@ import time
 
 import pytest
 
+from queue_service.store.model import Outcome
 from workers.examples import LanguageId, Sleep
-from workers.processor import APPLICATION_JSON, LoadedProcessor, ProcessResult, load_processor
+from workers.processor import APPLICATION_JSON, LoadedProcessor, load_processor
 
 
 def test_echo_returns_the_body_unchanged() -> None:
     echo = load_processor("workers.examples:Echo")
     body = bytes(range(256))
-    assert echo.process(body) == ProcessResult(body)
+    assert echo.process(body) == Outcome(body)
 
 
 @pytest.mark.parametrize("body", [b"0.05", b" 0.05\n", b'{"seconds": 0.05}'])
@@ -25,7 +26,7 @@ def test_sleep_sleeps_then_reports(body: bytes) -> None:
     started = time.monotonic()
     result = sleep.process(body)
     assert time.monotonic() - started >= 0.05
-    assert result == ProcessResult(b'{"slept":0.05}', 200, APPLICATION_JSON)
+    assert result == Outcome(b'{"slept":0.05}', 200, APPLICATION_JSON)
 
 
 def test_sleep_accepts_zero_and_integers() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from queue_service.store.model import Outcome
 from workers.processor import (
     APPLICATION_JSON,
     OCTET_STREAM,
@@ -16,7 +17,6 @@ from workers.processor import (
     LoadedProcessor,
     ProcessorLoadError,
     ProcessorResultError,
-    ProcessResult,
     load_processor,
 )
 
@@ -78,7 +78,7 @@ def test_class_is_instantiated_once_and_initialized_once(user_module: str) -> No
     calls = sys.modules[user_module].calls
     loaded.initialize()
     loaded.initialize()
-    assert loaded.process(b"abc") == ProcessResult(b"ABC")
+    assert loaded.process(b"abc") == Outcome(b"ABC")
     assert loaded.process(b"def").body == b"DEF"
     assert calls == {"init": 1, "constructed": 1}
 
@@ -97,13 +97,13 @@ def test_class_without_initialize_is_accepted(user_module: str) -> None:
 
 def test_object_with_process_method(user_module: str) -> None:
     loaded = load_processor(f"{user_module}:instance")
-    assert loaded.process(b"made") == ProcessResult(b"made", 201)
+    assert loaded.process(b"made") == Outcome(b"made", 201)
 
 
 def test_plain_function(user_module: str) -> None:
     loaded = load_processor(f"{user_module}:shout")
     loaded.initialize()
-    assert loaded.process(b"hi") == ProcessResult(b"hi!", 200, TEXT_PLAIN)
+    assert loaded.process(b"hi") == Outcome(b"hi!", 200, TEXT_PLAIN)
 
 
 def test_dotted_attribute_after_the_colon(user_module: str) -> None:
@@ -137,23 +137,23 @@ def _returning(value: object) -> LoadedProcessor:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        (b"raw", ProcessResult(b"raw")),
-        (bytearray(b"raw"), ProcessResult(b"raw")),
-        (memoryview(b"raw"), ProcessResult(b"raw")),
-        ("héllo", ProcessResult("héllo".encode(), 200, TEXT_PLAIN)),
+        (b"raw", Outcome(b"raw")),
+        (bytearray(b"raw"), Outcome(b"raw")),
+        (memoryview(b"raw"), Outcome(b"raw")),
+        ("héllo", Outcome("héllo".encode(), 200, TEXT_PLAIN)),
         (
             {"text": "héllo", "n": [1, 2]},
-            ProcessResult('{"text":"héllo","n":[1,2]}'.encode(), 200, APPLICATION_JSON),
+            Outcome('{"text":"héllo","n":[1,2]}'.encode(), 200, APPLICATION_JSON),
         ),
-        ([1, "日本"], ProcessResult('[1,"日本"]'.encode(), 200, APPLICATION_JSON)),
-        (None, ProcessResult(b"", 200, OCTET_STREAM)),
-        ((b"gone", 404), ProcessResult(b"gone", 404)),
-        (("accepted", 202), ProcessResult(b"accepted", 202, TEXT_PLAIN)),
-        (({"error": "bad"}, 422), ProcessResult(b'{"error":"bad"}', 422, APPLICATION_JSON)),
-        ((None, 204), ProcessResult(b"", 204)),
+        ([1, "日本"], Outcome('[1,"日本"]'.encode(), 200, APPLICATION_JSON)),
+        (None, Outcome(b"", 200, OCTET_STREAM)),
+        ((b"gone", 404), Outcome(b"gone", 404)),
+        (("accepted", 202), Outcome(b"accepted", 202, TEXT_PLAIN)),
+        (({"error": "bad"}, 422), Outcome(b'{"error":"bad"}', 422, APPLICATION_JSON)),
+        ((None, 204), Outcome(b"", 204)),
     ],
 )
-def test_return_values_are_normalized(value: object, expected: ProcessResult) -> None:
+def test_return_values_are_normalized(value: object, expected: Outcome) -> None:
     result = _returning(value).process(b"")
     assert result == expected
     assert type(result.body) is bytes

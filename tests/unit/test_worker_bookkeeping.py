@@ -6,21 +6,24 @@ from pathlib import Path
 
 import fakeredis
 import pytest
+import redis
 from rq.worker import WorkerStatus
 
 from workers.worker import QueueWorker
 
 
-class Counting(fakeredis.FakeRedis):
-    """Counts the commands sent outside pipelines."""
+def count_commands(client: redis.Redis) -> list[str]:
+    """Record the commands `client` sends outside pipelines (in the returned list, also `client.sent`)."""
+    sent: list[str] = []
+    send = client.execute_command
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.sent: list[str] = []
+    def execute_command(*args, **options):
+        sent.append(str(args[0]).upper())
+        return send(*args, **options)
 
-    def execute_command(self, *args, **options):
-        self.sent.append(str(args[0]).upper())
-        return super().execute_command(*args, **options)
+    client.execute_command = execute_command  # type: ignore[method-assign]
+    client.sent = sent  # type: ignore[attr-defined]
+    return sent
 
 
 @pytest.fixture
@@ -28,9 +31,10 @@ def worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> QueueWorker:
     services = tmp_path / "services.yaml"
     services.write_text("services:\n  - name: echo\n    processor: workers.examples:Echo\n")
     monkeypatch.setenv("QS_SERVICES", str(services))
-    connection = Counting()
-    worker = QueueWorker(["echo"], connection=connection, name="bookkeeping-test")
-    connection.sent.clear()
+    # The worker builds its own client to the server of the one it is given (with its retry policy):
+    # the commands are counted on that one.
+    worker = QueueWorker(["echo"], connection=fakeredis.FakeRedis(), name="bookkeeping-test")
+    count_commands(worker.connection)
     return worker
 
 
@@ -38,8 +42,20 @@ def test_an_unchanged_state_is_written_once(worker: QueueWorker) -> None:
     worker.set_state(WorkerStatus.IDLE)
     worker.set_state(WorkerStatus.IDLE)
     worker.set_state(WorkerStatus.BUSY)
-    worker.set_state(WorkerStatus.IDLE)
-    assert worker.connection.sent == ["HSET"] * 3
+    worker.set_state(WorkerStatus.BUSY)
+    assert worker.connection.sent == ["HSET"] * 2
+    assert worker.connection.hget(worker.key, "state") == b"busy"
+
+
+def test_between_two_items_the_worker_stays_busy_until_it_waits_for_work(worker: QueueWorker) -> None:
+    worker.set_state(WorkerStatus.BUSY)
+    worker.set_state(WorkerStatus.IDLE)  # rq's loop, after each item
+    worker.set_state(WorkerStatus.BUSY)
+    assert worker.connection.sent == ["HSET"]  # Redis still says busy
+
+    worker._write_idle()  # what the worker does when it finds no work and is about to wait
+    worker._write_idle()
+    assert worker.connection.sent == ["HSET"] * 2
     assert worker.get_state() == WorkerStatus.IDLE
     assert worker.connection.hget(worker.key, "state") == b"idle"
 

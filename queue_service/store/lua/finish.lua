@@ -17,16 +17,20 @@ if held then
     return -1
   end
 end
-local out = 0
+local out, stored = 0, false
 if mode == 'reply' then
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[15], '*', 'rid', rid, 'status', ARGV[10], 'type', ARGV[11],
     'wait', ARGV[12], 'proc', ARGV[13], 'body', data)
   redis.call('PEXPIRE', KEYS[7], ARGV[14])
 elseif mode == 'sink' then
-  out = append_item(KEYS[4], KEYS[5], KEYS[6], rid,
+  -- A request id the sink knows already (a finish resent after a lost answer, a late resend of the
+  -- request) stores nothing: the first result stands, and only what was stored is counted.
+  out, stored = append_item(KEYS[4], KEYS[5], KEYS[6], rid,
     {'data', data, 'tags', ARGV[7], 'rid', rid, 'ts', ARGV[8], 'message', ARGV[9], 'code', ARGV[10]})
-  redis.call('HINCRBY', KEYS[3], 'sink_bytes', #data)
-  if not held then redis.call('HINCRBY', KEYS[3], 'sink_used', 1) end
+  if stored then
+    redis.call('HINCRBY', KEYS[3], 'sink_bytes', #data)
+    if not held then redis.call('HINCRBY', KEYS[3], 'sink_used', 1) end
+  end
 else
   -- Nothing to publish: the request id still tells a client asking later that it finished.
   redis.call('HSET', KEYS[6], rid, '-' .. ARGV[8] .. ':' .. ARGV[10])
@@ -35,6 +39,7 @@ if held then
   local Q = {stream = KEYS[1], ids = KEYS[2], counts = KEYS[3], kind = 'input'}
   local f = {rid = rid}
   if mode == 'reply' then f['reply'] = '1' end
-  remove_item(Q, id, f, nil, ARGV[8], mode == 'sink')
+  -- The room the held item took is now its stored result's; else it is given back.
+  remove_item(Q, id, f, nil, ARGV[8], stored)
 end
 return {out, num(redis.call('HGET', KEYS[3], 'waiting')), num(redis.call('GET', KEYS[8]))}

@@ -67,8 +67,9 @@ class ServiceConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name_is_a_path_segment(cls, value: str) -> str:
-        if not SERVICE_NAME.match(value) or value in {"sink", "sync"}:
-            raise ValueError("must be 1-63 of A-Z a-z 0-9 _ . - (and not 'sink' or 'sync')")
+        # 'default' is rq's name for "every queue": `rq worker ... default` would serve every service.
+        if not SERVICE_NAME.match(value) or value in {"sink", "sync", "default"}:
+            raise ValueError("must be 1-63 of A-Z a-z 0-9 _ . - (and not 'sink', 'sync' or 'default')")
         return value
 
     @field_validator("processor")

@@ -215,6 +215,11 @@ class ServiceWaiters:
             changed = asyncio.ensure_future(self._changed.wait())
             try:
                 done, _ = await asyncio.wait({read, changed}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:  # closing: the XREAD in flight goes too
+                read.cancel()
+                with contextlib.suppress(asyncio.CancelledError, redis.exceptions.RedisError):
+                    await read
+                raise
             finally:
                 changed.cancel()
             if read not in done:

@@ -120,6 +120,7 @@ class WorkerStore:
             return False
         self.scripts.run(scripts.reconcile(service))
         self._forget_removed_results(service)
+        self._drop_lapsed_reservations(service)
         self._drop_dead_consumers(service)
         now = time.time()
         self.redis.zremrangebyscore(keys.live_workers(service), "-inf", now - DEAD_CONSUMER_SECONDS)
@@ -132,6 +133,17 @@ class WorkerStore:
             # A removed result's entry is `-<ms>:<status>` and never changes again: deleting it races nothing.
             if value.startswith(b"-") and int(value[1:].split(b":")[0] or 0) < oldest_kept:
                 self.redis.hdel(ids, request_id)
+
+    def _drop_lapsed_reservations(self, service: str) -> None:
+        """Reservations of auto-deleting reads whose reader never settled them (it died, or the item went
+        another way): lapsed ones no longer hide anything, so they are only clutter."""
+        now_ms = int(time.time() * 1000)
+        for qk in (keys.input_queue(service), keys.sink_queue(service)):
+            for index, value in self.redis.hscan_iter(qk.reserved, count=1000):
+                # `<expiry ms>:<token>`; a read renews a lapsed one by writing it anew, so check-then-delete
+                # can at worst drop a fresh reservation, which only lets another reader see the item too.
+                if int(value.split(b":")[0] or 0) < now_ms - 60_000:
+                    self.redis.hdel(qk.reserved, index)
 
     def _drop_dead_consumers(self, service: str) -> None:
         idle_ms = DEAD_CONSUMER_SECONDS * 1000

@@ -126,10 +126,14 @@ def test_put_a_file_then_get_its_result_by_request_id(stack: Stack, tmp_path: Pa
     assert kept.stdout == body
     read = run_cli("get", "-s", "echo", "--raw", request_id, url=stack.url)
     assert read.stdout == body
-    # Reading without --keep removed it: now there is nothing to get.
+    # Reading without --keep removed it: now there is nothing to get, and the CLI says so (not "it may come").
     gone = run_cli("get", "-s", "echo", request_id, url=stack.url)
-    assert gone.returncode == EXIT_TIMEOUT
+    assert gone.returncode == EXIT_REFUSED
     assert request_id in gone.stderr.decode()
+    assert "already read" in gone.stderr.decode()
+    unknown = run_cli("get", "-s", "echo", "no-such-request", url=stack.url)
+    assert unknown.returncode == EXIT_REFUSED
+    assert "unknown" in unknown.stderr.decode()
 
 
 class Terminal:
@@ -188,9 +192,9 @@ def test_put_wait_shows_queue_position_then_running_then_done_on_a_terminal(stac
     shown = terminal.text()
     assert "accepted: index" in shown
     assert "1 ahead in queue" in shown
-    assert "running on" in shown
+    assert "running" in shown
     assert "done in" in shown
-    assert shown.index("accepted") < shown.index("ahead in queue") < shown.index("running on") < shown.index("done in")
+    assert shown.index("accepted") < shown.index("ahead in queue") < shown.index("running (") < shown.index("done in")
 
 
 def test_ctrl_c_during_put_wait_keeps_the_request_id_and_says_how_to_get_the_result(stack: Stack) -> None:
@@ -286,17 +290,18 @@ def test_attrs_prints_the_queue_attributes_as_json(stack: Stack) -> None:
 # --- health -------------------------------------------------------------------------------
 
 
-def test_health_is_ready_while_redis_answers_and_names_services_without_workers(api_only: Stack) -> None:
-    done = run_cli("health", url=api_only.url)
-    assert done.returncode == EXIT_OK, done.stderr
-    assert b"no live worker for: echo, sleep" in done.stdout
-    assert run_cli("health", "--require-workers", url=api_only.url).returncode == EXIT_REFUSED
+def test_health_is_ready_only_when_every_service_can_serve_and_names_those_that_cannot(api_only: Stack) -> None:
+    without = run_cli("health", url=api_only.url)
+    assert without.returncode == EXIT_REFUSED, without.stdout
+    assert b"echo: cannot serve: no live worker" in without.stdout
+    assert b"sleep: cannot serve: no live worker" in without.stdout
+    # The API itself takes requests (async puts wait for a worker): what a load balancer asks.
+    assert run_cli("health", "--api-only", url=api_only.url).returncode == EXIT_OK
 
     api_only.add_worker()
     done = run_cli("health", url=api_only.url)
-    assert done.returncode == EXIT_OK
-    assert done.stdout == b"ready: Redis ok\n"
-    assert run_cli("health", "--require-workers", url=api_only.url).returncode == EXIT_OK
+    assert done.returncode == EXIT_OK, done.stdout
+    assert done.stdout == b"ready: Redis ok, every service can serve\n"
 
     api_only.redis.stop()
     down = run_cli("health", url=api_only.url)

@@ -305,10 +305,11 @@ def test_a_worker_failing_at_start_is_retried_with_backoff_then_up_gives_up(
     log = service.log()
     assert code == 1, log
     last = error_lines(service)[-1]
-    assert last.startswith("Error: service 'broken': its worker exited with code 1"), last
+    # 78: the worker's own "this processor cannot start" (sysexits EX_CONFIG), after its one-line reason.
+    assert last.startswith("Error: service 'broken': its worker exited with code 78"), last
     assert "3 times in a row" in last
     assert "model weights not found" in log  # the worker's own error is on the terminal
-    restarts = re.findall(r"broken: worker \d+ exited with code 1; restarting in ([\d.]+) s", log)
+    restarts = re.findall(r"broken: worker \d+ exited with code 78; restarting in ([\d.]+) s", log)
     assert restarts == ["0.2", "0.4"], restarts  # the wait doubles
     assert "echo: worker" not in log  # the healthy service's worker was never restarted
     assert not service.left_running(), service.left_running()

@@ -453,7 +453,7 @@ async def test_only_the_result_of_the_worker_that_took_a_lapsed_item_over_counts
         worker.finish(first, Outcome(b"late result"))
     assert not isinstance(refused.value, ItemGone)  # the item is there: someone else holds it
     assert await frames_in(store, SINK) == []
-    assert other_worker.finish(second, Outcome(b"the result")) == 1
+    assert other_worker.finish(second, Outcome(b"the result")).sink_index == 1
     assert [frame.data for frame in await frames_in(store, SINK)] == [b"the result"]
     assert_counts_true(client)
 
@@ -552,7 +552,7 @@ async def test_finish_writes_the_result_to_the_sink_and_removes_the_input(
 ) -> None:
     put = await store.put(IN, b"hello", {"user": "ana"}, max_items=10)
 
-    written = worker.finish(take_one(worker), Outcome(b"HELLO"), processing_seconds=0.1)
+    written = worker.finish(take_one(worker), Outcome(b"HELLO"), processing_seconds=0.1).sink_index
 
     (result,) = (await store.read(SINK, request_id=put.request_id, max_bytes=ANY_SIZE)).frames
     assert written == result.index == 1
@@ -591,7 +591,7 @@ async def test_an_empty_200_result_writes_nothing_but_its_status_says_finished(
 ) -> None:
     put = await store.put(IN, b"delivered elsewhere", {}, max_items=10)
 
-    written = worker.finish(take_one(worker), Outcome(b""))
+    written = worker.finish(take_one(worker), Outcome(b"")).sink_index
 
     assert written == 0
     assert await frames_in(store, SINK) == []
@@ -708,7 +708,7 @@ async def test_a_renewed_lease_keeps_the_item_from_claiming_workers(
 
     assert worker.renew(item) == HELD
     assert took_nothing(other_worker, claim=True)
-    assert worker.finish(item, Outcome(b"done")) == 1
+    assert worker.finish(item, Outcome(b"done")).sink_index == 1
     assert_counts_true(client)
 
 
@@ -1055,7 +1055,7 @@ async def test_status_of_a_finished_request_tells_its_status_code_and_result(
 
 async def test_status_of_a_removed_result_keeps_its_status_code(store: QueueStore, worker: WorkerStore) -> None:
     put = await store.put(IN, b"bad", {}, max_items=10)
-    index = worker.finish(take_one(worker), Outcome.failure(400, "ValueError"))
+    index = worker.finish(take_one(worker), Outcome.failure(400, "ValueError")).sink_index
     before = now_ms()
 
     await store.remove(SINK, [index])

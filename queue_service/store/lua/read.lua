@@ -31,12 +31,11 @@ end
 local out, bytes = {}, 0
 local function consider(e)
   local f = fields_of(e[2])
+  if not (matches(f) and free(e[1])) then return true end
   local size = #(f['data'] or '')
   if #out > 0 and bytes + size > max_bytes then return false end
-  if matches(f) and free(e[1]) then
-    out[#out + 1] = e
-    bytes = bytes + size
-  end
+  out[#out + 1] = e
+  bytes = bytes + size
   return #out < length
 end
 

@@ -36,6 +36,10 @@ def test_one_get_answers_at_most_16_mib_and_the_api_stays_small(
     frames = got.json()
     carried = sum(len(base64.b64decode(frame["data"])) for frame in frames)
     peak = memory_mib(service.process.pid, "VmHWM")
+    print(
+        f"\nRELIABILITY get _length_={ITEMS} of {ITEMS} x {len(ITEM) / MIB:.0f} MiB: {len(frames)} items, "
+        f"{carried / MIB:.0f} MiB of data answered; API peak RSS {peak:.0f} MiB"
+    )
     problems = []
     if not frames or carried > MAX_ANSWER_BYTES:
         problems.append(

@@ -143,6 +143,7 @@ def test_unauthenticated_uploads_do_not_grow_the_api_memory(api_with_env: ApiWit
         done.set()
         sampler.join()
     growth = max(peak) - before
+    print(f"\nRELIABILITY {UPLOADS} unauthenticated 8 MiB uploads: API RSS {before:.0f} -> peak {max(peak):.0f} MiB")
     assert growth <= RSS_GROWTH_BOUND_MIB, (
         f"{UPLOADS} unauthenticated 8 MiB uploads grew the API from {before:.0f} to {max(peak):.0f} MiB"
     )

@@ -138,6 +138,12 @@ def test_abandoned_long_polls_release_redis_and_leave_other_services_served(
         )
     got = [a for a in answers if isinstance(a, RawAnswer)]
     refused = [a for a in got if a.status == 429 and "long poll" in a.detail().lower()]
+    slowest = max((t.seconds for t in trips), default=0.0)
+    print(
+        f"\nRELIABILITY {LONG_POLLERS} abandoned long polls: {len(refused)} refused with 429 at once; Redis "
+        f"connections {clients_seen[0]} as they left, {clients_seen[-1]} after; {len(trips)} echo round trips "
+        f"meanwhile, {sum(t.ok() for t in trips)} ok, slowest {slowest:.2f} s"
+    )
     if len(refused) < REFUSED_AT_LEAST:
         statuses = sorted({a.status for a in got})
         errors = sum(isinstance(a, BaseException) for a in answers)
@@ -231,6 +237,11 @@ def test_made_up_consumer_groups_stay_bounded_and_puts_cost_what_they_did(
     finally:
         store.close()
 
+    print(
+        f"\nRELIABILITY {GROUP_FLOOD} watches in made-up groups: groups left {max(groups_left.values())}; "
+        f"Redis commands per put {cost_before:.1f} before, {cost_after:.1f} after; per sink put + commit "
+        f"{commit_before:.1f} before, {commit_after:.1f} after; XINFO on those paths: {xinfo_on_hot_path}"
+    )
     problems = []
     if max(groups_left.values()) > MAX_GROUPS:
         problems.append(
@@ -303,6 +314,10 @@ def test_idle_watches_cost_next_to_nothing_and_stay_open(api: ApiFactory, redis_
     finally:
         store.close()
 
+    print(
+        f"\nRELIABILITY {IDLE_WATCHES} idle watches: Redis {rate:.1f} commands/s; attributes p99 "
+        f"{p99(latencies) * 1000:.0f} ms; {still_open} still open after {HELD_SECONDS:g} s"
+    )
     problems = []
     if rate >= COMMANDS_PER_SECOND_BOUND:
         problems.append(f"{IDLE_WATCHES} idle watches make Redis run {rate:.0f} commands/s")

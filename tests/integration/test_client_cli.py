@@ -20,6 +20,7 @@ import pytest
 from queue_service.embedded_redis import RedisServer, free_port
 from tests.conftest import ServicesFileFactory
 from tests.support.processes import ManagedProcess, start_api, start_worker
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -127,11 +128,11 @@ def test_put_a_file_then_get_its_result_by_request_id(stack: Stack, tmp_path: Pa
     assert request_id in gone.stderr.decode()
 
 
-def test_put_wait_shows_queue_position_then_running_then_done_on_a_terminal(stack: Stack) -> None:
-    # One worker: the first sleep runs, the second waits, ours waits behind it.
-    first, _ = put_and_get_id(stack, "sleep", b"3")
-    wait_until_running(stack, "sleep", first)
-    put_and_get_id(stack, "sleep", b"0.5")
+def test_put_wait_shows_queue_position_then_running_then_done_on_a_terminal(api_only: Stack, tmp_path: Path) -> None:
+    # No worker yet: one sleep waits, ours waits behind it until the CLI has shown so.
+    put_and_get_id(api_only, "sleep", b"0.5")
+    body = tmp_path / "seconds.txt"
+    body.write_bytes(b"1.5")
     terminal, terminal_side = pty.openpty()
     seen = bytearray()
 
@@ -148,14 +149,16 @@ def test_put_wait_shows_queue_position_then_running_then_done_on_a_terminal(stac
     reader = threading.Thread(target=read_terminal, daemon=True)
     reader.start()
     with subprocess.Popen(
-        [CLI, "put", "-s", "sleep", "--wait", "--url", stack.url],
-        stdin=subprocess.PIPE,
+        [CLI, "put", "-s", "sleep", "--wait", "--url", api_only.url, str(body)],
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=terminal_side,
         env=cli_env(QS_TOKEN=TOKEN),
     ) as process:
         os.close(terminal_side)
-        stdout, _ = process.communicate(b"1.5", timeout=60)
+        wait_until(lambda: b"1 ahead in queue" in seen, 30, "the position shown")
+        api_only.add_worker()  # now the one ahead runs, then ours
+        stdout, _ = process.communicate(timeout=60)
     reader.join(timeout=5)
     os.close(terminal)
     assert process.returncode == EXIT_OK, seen.decode(errors="replace")

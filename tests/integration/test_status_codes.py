@@ -51,15 +51,16 @@ REFILL_SECONDS = 1.5  # a GCRA limit with a one-second burst is full again after
 SLOW_KEEPALIVE_MS = 1000
 IDLE_KEEPALIVE_SECONDS = 5  # metadata.rpc.keepalive's default
 BOUND = 6
-LOAD_KEEPALIVE_MS = 1500
 LOAD_CLIENTS = 200
-# Long enough that a queue which ignored keepalive would keep its last clients far longer: 64 waiting
-# items, two workers, LOAD_ITEM_SECONDS each (16 s).
-LOAD_ITEM_SECONDS = 0.5
-# How late after keepalive the slowest answer may be on a loaded machine, by the server's clock (quiet:
-# ~0.1 s) and by the clients', which adds connecting and reading with 200 clients in one process (~0.5 s).
+# Sized so that all three answers come even on a starved machine (two workers finish some items within
+# keepalive, the rest of the queue cannot drain, the clients outnumber the queue), and so that a queue
+# ignoring keepalive would keep its last client far longer: LOAD_QUEUE items x LOAD_ITEM_SECONDS / 2 = 12.8 s.
+LOAD_KEEPALIVE_MS = 3000
+LOAD_QUEUE = 128
+LOAD_ITEM_SECONDS = 0.2
+# How late after keepalive the slowest answer may be, by the server's clock (~0.1 s on a quiet machine).
+# The clients' clock adds connecting and reading with 200 clients in one process: printed, not asserted.
 SERVER_LATE_SECONDS = 2
-CLIENT_LATE_SECONDS = 5
 # Fillers of the busy worker: a 408 or a 450 must come well before the filler ends.
 SLOW_FILLER_SECONDS = 2.5
 BOUNDED_FILLER_SECONDS = 5
@@ -79,7 +80,11 @@ SERVICES: list[dict[str, Any]] = [
     {"name": "slow", "processor": SLEEP, "metadata": {"rpc": {"keepalive": SLOW_KEEPALIVE_MS}}},
     {"name": "hold", "processor": SLEEP, "metadata": {"rpc": {"keepalive": 5000}}},
     {"name": "bounded", "processor": SLEEP, "metadata": {"rpc": {"keepalive": 10_000, "max_queue_size": BOUND}}},
-    {"name": "load", "processor": SLEEP, "metadata": {"rpc": {"keepalive": LOAD_KEEPALIVE_MS, "max_queue_size": 64}}},
+    {
+        "name": "load",
+        "processor": SLEEP,
+        "metadata": {"rpc": {"keepalive": LOAD_KEEPALIVE_MS, "max_queue_size": LOAD_QUEUE}},
+    },
 ]
 # Which services each worker process serves. The "busy" worker is filled with long sleeps by one
 # test at a time (408, 450, 499), and each of those tests lets it drain before it ends.
@@ -696,9 +701,13 @@ def test_500_only_for_an_internal_fault_with_the_request_id_to_find_its_log(stac
 async def test_200_concurrent_sync_clients_get_200_408_or_450_within_keepalive(stack: Stack) -> None:
     keepalive = LOAD_KEEPALIVE_MS / 1000
 
+    unexpected: list[str] = []
+
     async def one(http: httpx.AsyncClient) -> tuple[int, float, str]:
         started = time.monotonic()
         answer = await http.post("/api/predict/load/sync", content=str(LOAD_ITEM_SECONDS).encode())
+        if answer.status_code not in (200, 408, 450):
+            unexpected.append(f"{answer.status_code} {answer.text[:200]}")
         return answer.status_code, time.monotonic() - started, answer.headers[REQUEST_ID_HEADER]
 
     limits = httpx.Limits(max_connections=LOAD_CLIENTS, max_keepalive_connections=LOAD_CLIENTS)
@@ -717,12 +726,11 @@ async def test_200_concurrent_sync_clients_get_200_408_or_450_within_keepalive(s
         f"\nTIMING {LOAD_CLIENTS} sync clients: {dict(counts)}; slowest answer {slowest:.3f} s at the client, "
         f"{slowest_logged:.3f} s in the server log (keepalive {keepalive:g} s)"
     )
-    assert set(counts) <= {200, 408, 450}
+    assert set(counts) <= {200, 408, 450}, Counter(unexpected)
     assert sum(counts.values()) == LOAD_CLIENTS
     assert counts[200] and counts[408] and counts[450], counts
-    # Nobody waited for the queue past keepalive (ignoring it, the last of the 64 queued would wait 16 s).
+    # Nobody waited for the queue past keepalive (ignoring it, the last one queued would wait 12.8 s).
     assert slowest_logged < keepalive + SERVER_LATE_SECONDS
-    assert slowest < keepalive + CLIENT_LATE_SECONDS
     assert len(lines) == LOAD_CLIENTS
     assert Counter(r["status"] for r in lines.values()) == counts
     # Withdrawn 408s never ran; the others did, exactly once.

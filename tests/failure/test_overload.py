@@ -35,9 +35,9 @@ CAPACITY = WORKERS / ITEM_SECONDS  # requests per second the workers can take
 RATE = 10 * CAPACITY
 WARM_UP_SECONDS = 3.0
 # A put held until the workers made room would queue behind them: 9 in 10 of the flood, 200 connections
-# held, waits of 20 s. Refused at once, a 450 takes ~3 ms on a quiet machine (median 0.1 s, p99 1.7 s seen
-# on a loaded one): the bound is generous for a loaded machine and still far from the failure.
-AT_ONCE_SECONDS = 2.0
+# held, waits of 20 s. Refused at once, a 450 takes ~3 ms on a quiet machine; the median was 0.5 s (p99
+# 3 s) with the suite in parallel beside two CPU hogs. The bound is generous for that, and far from 20 s.
+AT_ONCE_SECONDS = 5.0
 
 
 def rss_kib(pid: int) -> int:

@@ -31,6 +31,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 API_APP = "queue_service.api:create_app"
 WORKER_CLASS = "workers.worker.QueueWorker"
 STOP_GRACE_SECONDS = 5.0
+# How long a start may take before it counts as failed: ~0.5 s on a quiet machine, 10 s and more seen
+# with the suite in parallel beside CPU hogs. Only a broken start waits this long.
+START_TIMEOUT_SECONDS = 60.0
 # A port free_port() gave can be taken by a parallel test (xdist) before uvicorn binds it: try another.
 _PORT_ATTEMPTS = 3
 
@@ -157,7 +160,7 @@ def start_api(
     *,
     port: int | None = None,
     env: Mapping[str, str] | None = None,
-    timeout: float = 20,
+    timeout: float = START_TIMEOUT_SECONDS,
     app: str = API_APP,
     log_dir: str | Path | None = None,
 ) -> tuple[ManagedProcess, str]:
@@ -193,7 +196,7 @@ def start_worker(
     *,
     name: str | None = None,
     env: Mapping[str, str] | None = None,
-    timeout: float = 20,
+    timeout: float = START_TIMEOUT_SECONDS,
     worker_class: str = WORKER_CLASS,
     log_dir: str | Path | None = None,
 ) -> ManagedProcess:

@@ -20,7 +20,8 @@ TESTS_DIR = Path(__file__).resolve().parent
 # xdist groups (`--dist loadgroup`): the tests of one group run on one xdist worker, one after another.
 #   heavy: CPU-heavy runs (the flood, the benchmark, 2,000 official-client puts), never beside each other;
 #   hostile: tests/hostile/, 1,000+ connections each: beside each other they would measure the machine;
-#   status_codes, http_queue: modules whose tests share one stack (and, for status codes, run in order).
+#   status_codes, http_queue: modules whose tests share one stack (and, for status codes, run in order);
+#   language_model: tests/unit/test_examples.py, whose model is loaded once per process.
 # Directories whose tests all join a group, whatever their module says:
 GROUPED_DIRECTORIES = {"hostile": "hostile"}
 # Lines a test prints with its measured numbers; the summary repeats them, since xdist hides `-s` output.

@@ -82,10 +82,11 @@ class ReplyDropper:
                     self.dropped.set()
                     dst.shutdown(socket.SHUT_RDWR)  # the answer never arrives: the connection closes
                     return
-                dst.sendall(data)
                 if to_redis and self.armed.is_set() and self.marker in data:
+                    # Doomed before Redis can answer: set after sending, the answer may already be through.
                     self.armed.clear()
                     doomed.set()
+                dst.sendall(data)
 
     def close(self) -> None:
         self.listener.close()

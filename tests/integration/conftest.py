@@ -17,7 +17,7 @@ import redis
 from queue_service.config import load_services
 from queue_service.store import keys
 from tests.conftest import ServicesFileFactory
-from tests.support.processes import ManagedProcess, start_api, start_worker
+from tests.support.processes import START_TIMEOUT_SECONDS, ManagedProcess, start_api, start_worker
 from tests.support.waiting import wait_until
 
 ECHO = "workers.examples:Echo"
@@ -106,7 +106,7 @@ def worker(
             for service in services or [s.name for s in load_services(path).services]:
                 wait_until(
                     lambda s=service: client.zscore(keys.live_workers(s), process.name),
-                    20,
+                    START_TIMEOUT_SECONDS,
                     f"{process.name} live for {service}",
                 )
         finally:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+# The benchmark hammers the API: never beside a flood (see tests/conftest.py for the groups).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("heavy")]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -178,14 +178,16 @@ class Terminal:
         os.close(self.reader_fd)
 
 
-def test_put_wait_shows_queue_position_then_running_then_done_on_a_terminal(stack: Stack) -> None:
-    # One worker: the first sleep runs, the second waits, ours waits behind it.
-    first, _ = put_and_get_id(stack, "sleep", b"3")
-    wait_until_running(stack, "sleep", first)
-    put_and_get_id(stack, "sleep", b"0.5")
+def test_put_wait_shows_queue_position_then_running_then_done_on_a_terminal(api_only: Stack, tmp_path: Path) -> None:
+    # No worker yet: one sleep waits, ours waits behind it until the CLI has shown so.
+    put_and_get_id(api_only, "sleep", b"0.5")
+    body = tmp_path / "seconds.txt"
+    body.write_bytes(b"1.5")
     terminal = Terminal()
-    with terminal.spawn("put", "-s", "sleep", "--wait", "--url", stack.url) as process:
-        stdout, _ = process.communicate(b"1.5", timeout=60)
+    with terminal.spawn("put", "-s", "sleep", "--wait", "--url", api_only.url, str(body)) as process:
+        terminal.wait_for(r"1 ahead in queue")
+        api_only.add_worker()  # now the one ahead runs, then ours
+        stdout, _ = process.communicate(timeout=60)
     terminal.close()
     assert process.returncode == EXIT_OK, terminal.text()
     assert json.loads(stdout) == {"slept": 1.5}
@@ -256,9 +258,10 @@ def test_a_processor_error_is_printed_and_exits_1(stack: Stack) -> None:
 
 def test_waiting_longer_than_the_timeout_exits_3(stack: Stack) -> None:
     started = time.monotonic()
-    done = run_cli("put", "-s", "sleep", "--wait", "--timeout", "1", url=stack.url, stdin=b"4")
+    done = run_cli("put", "-s", "sleep", "--wait", "--timeout", "1", url=stack.url, stdin=b"20")
     assert done.returncode == EXIT_TIMEOUT, done.stderr
-    assert time.monotonic() - started < 4
+    # At its 1 s timeout (~1.4 s with the CLI's start on a quiet machine), long before the job ends.
+    assert time.monotonic() - started < 10
     assert b"queue-service get" in done.stderr  # says how to fetch the result later
     _, request_id = put_and_get_id(stack, "sleep", b"4")
     assert run_cli("get", "-s", "sleep", "--timeout", "0.5", request_id, url=stack.url).returncode == EXIT_TIMEOUT

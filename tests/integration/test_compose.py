@@ -264,10 +264,11 @@ def local_stack(compose: dict[str, Any], redis_server: RedisServer, tmp_path: Pa
     try:
         api = ManagedProcess(api_argv, name="compose-api", env=api_env, log_dir=tmp_path)
         processes.append(api)
-        wait_until_ready(api, lambda: _status(f"{base_url}/readyz?scope=api") == 200, 30, "ready on /readyz")
+        wait_until_ready(api, lambda: _status(f"{base_url}/readyz?scope=api") == 200, 60, "ready on /readyz")
         worker = ManagedProcess(worker_argv, name="compose-worker", env=worker_env, log_dir=tmp_path)
         processes.append(worker)
-        wait_until_ready(worker, lambda: _workers_serve_all(base_url), 60, "live for every service")
+        # It loads every processor of examples/services.yaml, the language model too: 30 s seen on a loaded box.
+        wait_until_ready(worker, lambda: _workers_serve_all(base_url), 120, "live for every service")
         yield LocalStack(api, worker, base_url, token)
     finally:
         for process in reversed(processes):

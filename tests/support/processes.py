@@ -31,6 +31,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 API_APP = "queue_service.api:create_app"
 WORKER_CLASS = "workers.worker.QueueWorker"
 STOP_GRACE_SECONDS = 5.0
+# How long a start may take before it counts as failed: ~0.5 s on a quiet machine, 10 s and more seen
+# with the suite in parallel beside CPU hogs. Only a broken start waits this long.
+START_TIMEOUT_SECONDS = 60.0
+# A port free_port() gave can be taken by a parallel test (xdist) before uvicorn binds it: try another.
+_PORT_ATTEMPTS = 3
 
 
 class ProcessStartError(RuntimeError):
@@ -155,12 +160,21 @@ def start_api(
     *,
     port: int | None = None,
     env: Mapping[str, str] | None = None,
-    timeout: float = 20,
+    timeout: float = START_TIMEOUT_SECONDS,
     app: str = API_APP,
     log_dir: str | Path | None = None,
 ) -> tuple[ManagedProcess, str]:
     """Run the API under uvicorn on 127.0.0.1; return it and its base URL once /healthz answers 200."""
-    port = port or free_port()
+    if port is None:
+        for _ in range(_PORT_ATTEMPTS - 1):
+            try:
+                return start_api(
+                    redis_url, services_file, port=free_port(), env=env, timeout=timeout, app=app, log_dir=log_dir
+                )
+            except ProcessStartError as exc:
+                if "address already in use" not in str(exc).lower():
+                    raise
+        port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(port)]
     process = ManagedProcess(argv, name=f"api-{port}", env=_product_env(redis_url, services_file, env), log_dir=log_dir)
@@ -182,7 +196,7 @@ def start_worker(
     *,
     name: str | None = None,
     env: Mapping[str, str] | None = None,
-    timeout: float = 20,
+    timeout: float = START_TIMEOUT_SECONDS,
     worker_class: str = WORKER_CLASS,
     log_dir: str | Path | None = None,
 ) -> ManagedProcess:

@@ -13,6 +13,9 @@ from queue_service.store.model import Outcome
 from workers.examples import LanguageId, Sleep
 from workers.processor import APPLICATION_JSON, LoadedProcessor, load_processor
 
+# On one xdist worker: the language model (module fixture below) is then loaded once, not once per worker.
+pytestmark = pytest.mark.xdist_group("language_model")
+
 
 def test_echo_returns_the_body_unchanged() -> None:
     echo = load_processor("workers.examples:Echo")

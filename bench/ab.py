@@ -20,8 +20,8 @@ from pathlib import Path
 
 from bench import redis_cost
 from bench.load import Http
-from bench.procs import spawn_rq_worker, stop_all, wait_registered
 from bench.run import PAYLOAD, PLANS, Bench, fmt, pct
+from queue_service.testing import stop_all, wait_listening
 
 
 def measure(bench: Bench, results: int, sync: int) -> dict[str, float]:
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(args.rounds):
             for worker_class in (args.a, args.b):
                 name = f"ab-{round_}-{worker_class.rsplit('.', 1)[-1]}"
-                worker = spawn_rq_worker(bench.url, ["echo"], name, log_dir, worker_class, bench.env)
+                worker = bench.spawn_ours(name, "echo", worker_class)
                 try:
-                    wait_registered([worker], bench.url, live_in="echo")
+                    wait_listening(worker, bench.url, live_in=["echo"])
                     found[worker_class].append(measure(bench, args.results, args.sync))
                 finally:
                     stop_all([worker])

@@ -44,17 +44,9 @@ from websockets.sync.client import connect as ws_connect_sync
 
 from bench import jobs, redis_cost
 from bench.load import Http, hammer
-from bench.procs import (
-    Child,
-    product_env,
-    spawn_rq_worker,
-    spawn_uvicorn,
-    stop_all,
-    wait_http,
-    wait_registered,
-)
 from queue_service.embedded_redis import RedisServer
 from queue_service.store import keys
+from queue_service.testing import ManagedProcess, spawn_api, spawn_worker, stop_all, wait_answering, wait_listening
 from queue_service.wire import decode_frame
 from workers.examples import Echo
 
@@ -190,9 +182,9 @@ class Bench:
         self.plan = plan
         self.log_dir = log_dir
         self.server = RedisServer(data_dir=log_dir / "redis")
-        self.ours: list[Child] = []
-        self.plain: list[Child] = []
-        self.others: list[Child] = []
+        self.ours: list[ManagedProcess] = []
+        self.plain: list[ManagedProcess] = []
+        self.others: list[ManagedProcess] = []
         self.report: Report | None = None
         self.idle: redis_cost.Cost | None = None  # Redis's background work per second, once measured
 
@@ -204,24 +196,27 @@ class Bench:
         self.redis = redis.Redis.from_url(self.url)
         self.services_file = self.log_dir / "services.yaml"
         self.services_file.write_text(yaml.safe_dump({"services": SERVICES}, sort_keys=False))
-        self.env = product_env(self.url, self.services_file)
-        api, self.api_url = spawn_uvicorn("queue_service.api:create_app", "api", self.log_dir, self.env)
-        hello, self.hello_url = spawn_uvicorn("bench.hello:create_app", "hello", self.log_dir, {})
+        api, self.api_url = spawn_api(self.url, self.services_file, log_dir=self.log_dir)
+        hello, self.hello_url = spawn_api(self.url, None, app="bench.hello:create_app", log_dir=self.log_dir)
         self.others += [api, hello]
         most = max(self.plan.result_workers)
-        self.ours = [self._spawn_ours(f"qs-bench-{i}", "echo") for i in range(most)]
+        self.ours = [self.spawn_ours(f"qs-bench-{i}", "echo") for i in range(most)]
         self.plain = [self._spawn_plain(f"rq-bench-{i}") for i in range(most)]
-        wait_http(api, f"{self.api_url}/healthz")
-        wait_http(hello, f"{self.hello_url}/hello", "POST")
-        wait_registered(self.ours, self.url, live_in="echo")
-        wait_registered(self.plain, self.url)
+        wait_answering(api, f"{self.api_url}/healthz")
+        wait_answering(hello, f"{self.hello_url}/hello", "POST")
+        for worker in self.ours:
+            wait_listening(worker, self.url, live_in=["echo"])
+        for worker in self.plain:
+            wait_listening(worker, self.url)
         self.report = Report(self.plan.name, machine_info(self.redis.info("server")["redis_version"]))
 
-    def _spawn_ours(self, name: str, service: str) -> Child:
-        return spawn_rq_worker(self.url, [service], name, self.log_dir, "workers.worker.QueueWorker", self.env)
+    def spawn_ours(self, name: str, service: str, worker_class: str = "workers.worker.QueueWorker") -> ManagedProcess:
+        return spawn_worker(
+            self.url, self.services_file, [service], name=name, worker_class=worker_class, log_dir=self.log_dir
+        )
 
-    def _spawn_plain(self, name: str) -> Child:
-        return spawn_rq_worker(self.url, [RQ_QUEUE], name, self.log_dir, "rq.worker.SimpleWorker", self.env)
+    def _spawn_plain(self, name: str) -> ManagedProcess:
+        return self.spawn_ours(name, RQ_QUEUE, "rq.worker.SimpleWorker")
 
     def keep_workers(self, count: int) -> None:
         stop_all(self.ours[count:] + self.plain[count:])
@@ -476,8 +471,8 @@ class Bench:
     def delivery(self) -> None:
         print("2. result delivery (1 worker each)", flush=True)
         stop_all(self.ours)
-        self.ours = [self._spawn_ours("qs-bench-stamp", "stamp")]
-        wait_registered(self.ours, self.url, live_in="stamp")
+        self.ours = [self.spawn_ours("qs-bench-stamp", "stamp")]
+        wait_listening(self.ours[0], self.url, live_in=["stamp"])
         n = self.plan.delivery_items
         bound = time.monotonic() + self.plan.phase_seconds * 3
         http = Http(self.api_url)

@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from queue_service.embedded_redis import RedisServer
+from queue_service.testing import write_services
 from tests.support import eas
-from tests.support.processes import write_services
 
 ServicesFileFactory = Callable[[list[dict[str, Any]]], Path]
 

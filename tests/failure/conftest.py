@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from queue_service.embedded_redis import RedisServer
+from queue_service.testing import write_services
 from tests.failure.harness import CHAOS, Stack
-from tests.support.processes import write_services
 
 FLOOD_BOUND = 20
 LEASE_SECONDS = 3  # the lease of `work`

@@ -25,8 +25,8 @@ from queue_service.embedded_redis import RedisServer
 from queue_service.protocol import REQUEST_ID_HEADER
 from queue_service.store import keys
 from queue_service.store.keys import WORKER_GROUP
+from queue_service.testing import ManagedProcess, start_api, start_worker
 from tests.failure.processors import CALLS_ENV
-from tests.support.processes import ManagedProcess, start_api, start_worker
 from tests.support.waiting import wait_until
 
 T = TypeVar("T")

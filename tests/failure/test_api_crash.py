@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from queue_service.store import keys
+from queue_service.testing import start_api
 from tests.failure.harness import Put, Stack
-from tests.support.processes import start_api
 
 pytestmark = pytest.mark.integration
 

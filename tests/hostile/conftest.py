@@ -14,9 +14,9 @@ from typing import Protocol
 import pytest
 
 from queue_service.embedded_redis import RedisServer
+from queue_service.testing import ManagedProcess, start_api, start_worker, write_services
 from tests.integration import conftest as integration
 from tests.integration.conftest import STANDARD_SERVICES, Api, stop_all
-from tests.support.processes import ManagedProcess, start_api, start_worker, write_services
 
 # The integration fixtures, and the hook that lets process_logs print the logs of a failed test.
 api = integration.api

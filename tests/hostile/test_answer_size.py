@@ -6,11 +6,11 @@ import base64
 
 import pytest
 
+from queue_service.testing import ProcessStartError
 from tests.conftest import ServicesFileFactory
 from tests.hostile.conftest import ApiWithEnv
 from tests.hostile.probes import MIB, memory_mib
 from tests.integration.conftest import ECHO
-from tests.support.processes import ProcessStartError
 
 pytestmark = pytest.mark.integration
 

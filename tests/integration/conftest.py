@@ -16,8 +16,8 @@ import redis
 
 from queue_service.config import load_services
 from queue_service.store import keys
+from queue_service.testing import START_TIMEOUT_SECONDS, ManagedProcess, start_api, start_worker, stop_all
 from tests.conftest import ServicesFileFactory
-from tests.support.processes import START_TIMEOUT_SECONDS, ManagedProcess, start_api, start_worker
 from tests.support.waiting import wait_until
 
 ECHO = "workers.examples:Echo"
@@ -30,15 +30,6 @@ STANDARD_SERVICES: list[dict[str, Any]] = [
 ]
 REQUEST_ID = "X-Eas-Queueservice-Request-Id"
 STOP_GRACE_SECONDS = 2.0
-
-
-def stop_all(processes: list[ManagedProcess]) -> None:
-    """Stop processes together: an idle worker notices a stop only after its current wait (1 s)."""
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        # Short grace: uvicorn would otherwise wait for any long poll still open.
-        process.stop(grace=STOP_GRACE_SECONDS)
 
 
 @dataclass
@@ -69,7 +60,8 @@ def process_logs(request: pytest.FixtureRequest) -> Iterator[list[ManagedProcess
     """Every process a test started; stopped at teardown, their log tails printed when it failed."""
     started: list[ManagedProcess] = []
     yield started
-    stop_all(started)
+    # Short grace: uvicorn would otherwise wait for any long poll still open.
+    stop_all(started, grace=STOP_GRACE_SECONDS)
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         for process in started:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.support.repo import REPO_ROOT
+
 # The benchmark hammers the API: never beside a flood (see tests/conftest.py for the groups).
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("heavy")]
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_smoke_prints_the_table() -> None:

@@ -21,8 +21,8 @@ import httpx
 import pytest
 
 from queue_service.embedded_redis import RedisServer, free_port
+from queue_service.testing import ManagedProcess, start_api, start_worker
 from tests.conftest import ServicesFileFactory
-from tests.support.processes import ManagedProcess, start_api, start_worker
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration

@@ -30,7 +30,8 @@ from jsonschema.validators import validator_for
 from queue_service.config import load_services
 from queue_service.durations import parse_duration
 from queue_service.embedded_redis import RedisServer, free_port
-from tests.support.processes import REPO_ROOT, ManagedProcess, wait_until_ready
+from queue_service.testing import ManagedProcess, wait_until_ready
+from tests.support.repo import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 

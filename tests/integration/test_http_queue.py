@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from queue_service.embedded_redis import RedisServer
+from queue_service.testing import ManagedProcess, start_api, start_worker, write_services
 from queue_service.wire import PROTOBUF_MEDIA_TYPE, decode_frame_list
 from tests.conftest import ServicesFileFactory
 from tests.integration.conftest import (
@@ -28,7 +29,6 @@ from tests.integration.conftest import (
     stop_all,
     wait_until,
 )
-from tests.support.processes import ManagedProcess, start_api, start_worker, write_services
 
 # One xdist worker runs the module, so `served` starts once.
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("http_queue")]

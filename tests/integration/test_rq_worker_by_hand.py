@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from queue_service.store import keys
+from queue_service.testing import ManagedProcess
 from tests.integration.conftest import REQUEST_ID, ApiFactory, stop_all, wait_until
-from tests.support.processes import ManagedProcess
 
 pytestmark = pytest.mark.integration
 

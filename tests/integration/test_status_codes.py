@@ -33,8 +33,8 @@ from queue_service.api.auth import sign
 from queue_service.embedded_redis import RedisServer
 from queue_service.protocol import REQUEST_ID_HEADER
 from queue_service.store import keys
+from queue_service.testing import ManagedProcess, start_api, start_worker, write_services
 from tests.support.eas import run_eas
-from tests.support.processes import ManagedProcess, start_api, start_worker, write_services
 from tests.support.waiting import wait_until
 
 # One stack for the module, whose tests take turns on the busy worker and whose last test reads the

@@ -10,9 +10,9 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.support.repo import REPO_ROOT
+
 EAS_VENV = REPO_ROOT / ".cache" / "eas-venv"
 _READY_MARKER = EAS_VENV / ".ready"
 

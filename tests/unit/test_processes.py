@@ -14,7 +14,7 @@ import redis
 import yaml
 from fastapi import FastAPI
 
-from tests.support.processes import (
+from queue_service.testing import (
     ManagedProcess,
     ProcessStartError,
     start_api,

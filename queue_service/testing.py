@@ -1,7 +1,8 @@
-"""The product's real processes for integration tests: the API under uvicorn and rq workers.
+"""Running queue-service's own processes as children, for tests and benchmarks (ours and yours).
 
-Each runs as a child with its stdout and stderr in a log file, so a failing test can show what the
-process said. The start functions return only once the process is ready, and stop it before raising.
+The API under uvicorn and `rq worker` processes, each a child with its stdout and stderr in a log file, so
+a failing test can show what the process said. `spawn_*` start one and return at once (a benchmark starts
+several, then waits for all); `start_*` return only once it is ready, and stop it before raising.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from rq.worker import Worker
 from rq.worker_registration import REDIS_WORKER_KEYS
 
 from queue_service.embedded_redis import free_port
+from queue_service.store import keys
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 API_APP = "queue_service.api:create_app"
 WORKER_CLASS = "workers.worker.QueueWorker"
 STOP_GRACE_SECONDS = 5.0
@@ -52,7 +53,7 @@ class ManagedProcess:
         name: str = "process",
         env: Mapping[str, str] | None = None,
         log_dir: str | Path | None = None,
-        cwd: str | Path = REPO_ROOT,
+        cwd: str | Path | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -154,6 +155,37 @@ def _product_env(redis_url: str, services_file: str | Path, env: Mapping[str, st
     return {"QS_REDIS_URL": redis_url, "QS_SERVICES": str(services_file), **(env or {})}
 
 
+def spawn_api(
+    redis_url: str,
+    services_file: str | Path | None,
+    *,
+    port: int | None = None,
+    env: Mapping[str, str] | None = None,
+    app: str = API_APP,
+    log_dir: str | Path | None = None,
+) -> tuple[ManagedProcess, str]:
+    """Run an ASGI app factory (the API by default) under uvicorn on 127.0.0.1; its base URL. Not waited for."""
+    port = port or free_port()
+    argv = [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(port)]
+    product_env = _product_env(redis_url, services_file, env) if services_file is not None else dict(env or {})
+    process = ManagedProcess(argv, name=f"api-{port}", env=product_env, log_dir=log_dir)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_answering(
+    process: ManagedProcess, url: str, method: str = "GET", timeout: float = START_TIMEOUT_SECONDS
+) -> None:
+    """Wait until `method url` answers with a status below 500."""
+
+    def answers() -> bool:
+        try:
+            return httpx.request(method, url, timeout=1).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    wait_until_ready(process, answers, timeout, f"answering {method} {url}")
+
+
 def start_api(
     redis_url: str,
     services_file: str | Path,
@@ -164,7 +196,7 @@ def start_api(
     app: str = API_APP,
     log_dir: str | Path | None = None,
 ) -> tuple[ManagedProcess, str]:
-    """Run the API under uvicorn on 127.0.0.1; return it and its base URL once /healthz answers 200."""
+    """Run the API under uvicorn on 127.0.0.1; return it and its base URL once /healthz answers."""
     if port is None:
         for _ in range(_PORT_ATTEMPTS - 1):
             try:
@@ -175,18 +207,55 @@ def start_api(
                 if "address already in use" not in str(exc).lower():
                     raise
         port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(port)]
-    process = ManagedProcess(argv, name=f"api-{port}", env=_product_env(redis_url, services_file, env), log_dir=log_dir)
+    process, base_url = spawn_api(redis_url, services_file, port=port, env=env, app=app, log_dir=log_dir)
+    wait_answering(process, f"{base_url}/healthz", timeout=timeout)
+    return process, base_url
 
-    def healthy() -> bool:
+
+def spawn_worker(
+    redis_url: str,
+    services_file: str | Path,
+    services: Sequence[str] = (),
+    *,
+    name: str | None = None,
+    env: Mapping[str, str] | None = None,
+    worker_class: str = WORKER_CLASS,
+    log_dir: str | Path | None = None,
+) -> ManagedProcess:
+    """Run `rq worker -w worker_class` for `services` (rq's queue names for a plain rq worker). Not waited for."""
+    name = name or f"qs-test-worker-{uuid.uuid4().hex[:8]}"
+    argv = [
+        sys.executable, "-m", "rq.cli", "worker",
+        "-w", worker_class, "--url", redis_url, "--name", name, *services,
+    ]  # fmt: skip
+    return ManagedProcess(argv, name=name, env=_product_env(redis_url, services_file, env), log_dir=log_dir)
+
+
+def wait_listening(
+    process: ManagedProcess, redis_url: str, *, live_in: Sequence[str] = (), timeout: float = START_TIMEOUT_SECONDS
+) -> None:
+    """Wait until the worker named `process.name` is registered in rq and listening, and counted live by
+    the API for each service of `live_in`."""
+    # RQ's registry of live workers holds each worker's key, built from its name.
+    worker_key = Worker.redis_worker_namespace_prefix + process.name
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
+
+    def listening() -> bool:
+        # Registered is not enough: rq registers the worker before it installs its SIGTERM handler,
+        # and a stop in between kills it unregistered. Its first IDLE state comes after the handler.
         try:
-            return httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
+            registered = client.sismember(REDIS_WORKER_KEYS, worker_key)
+            if not registered or client.hget(worker_key, "state") not in (b"idle", b"busy"):
+                return False
+            now = time.time()
+            return all((client.zscore(keys.live_workers(s), process.name) or 0) > now for s in live_in)
+        except redis.RedisError:
             return False
 
-    wait_until_ready(process, healthy, timeout, "answering GET /healthz")
-    return process, base_url
+    try:
+        wait_until_ready(process, listening, timeout, "registered in rq:workers and listening")
+    finally:
+        client.close()
 
 
 def start_worker(
@@ -200,31 +269,20 @@ def start_worker(
     worker_class: str = WORKER_CLASS,
     log_dir: str | Path | None = None,
 ) -> ManagedProcess:
-    """Run `rq worker` for `services`; return it once it is registered under `name` and listening."""
-    name = name or f"qs-test-worker-{uuid.uuid4().hex[:8]}"
-    argv = [
-        sys.executable, "-m", "rq.cli", "worker",
-        "-w", worker_class, "--url", redis_url, "--name", name, *services,
-    ]  # fmt: skip
-    process = ManagedProcess(argv, name=name, env=_product_env(redis_url, services_file, env), log_dir=log_dir)
-    # RQ's registry of live workers holds each worker's key, built from its name.
-    worker_key = Worker.redis_worker_namespace_prefix + name
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
-
-    def listening() -> bool:
-        # Registered is not enough: rq registers the worker before it installs its SIGTERM handler,
-        # and a stop in between kills it unregistered. Its first IDLE state comes after the handler.
-        try:
-            registered = client.sismember(REDIS_WORKER_KEYS, worker_key)
-            return bool(registered) and client.hget(worker_key, "state") in (b"idle", b"busy")
-        except redis.RedisError:
-            return False
-
-    try:
-        wait_until_ready(process, listening, timeout, "registered in rq:workers and listening")
-    finally:
-        client.close()
+    """Run `rq worker` for `services`; return it once it is registered and listening."""
+    process = spawn_worker(
+        redis_url, services_file, services, name=name, env=env, worker_class=worker_class, log_dir=log_dir
+    )
+    wait_listening(process, redis_url, timeout=timeout)
     return process
+
+
+def stop_all(processes: Sequence[ManagedProcess], grace: float = STOP_GRACE_SECONDS) -> None:
+    """Stop processes together: SIGTERM to all first (idle workers notice within a second), then wait."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.stop(grace=grace)
 
 
 def write_services(path: str | Path, services: list[dict[str, Any]]) -> Path:

@@ -12,7 +12,7 @@ from queue_service.api.errors import ApiError
 from queue_service.api.metrics import Metrics
 from queue_service.api.waiters import Waiters
 from queue_service.config import ServiceConfig, ServicesFile, Settings
-from queue_service.store.queues import QueueStore
+from queue_service.store.queues import NewEntries, QueueStore
 
 
 class App:
@@ -26,7 +26,7 @@ class App:
         self.store = QueueStore(redis)
         # This process's reply channel: workers write its sync answers to a stream of that name.
         self.channel = uuid.uuid4().hex
-        self.waiters = Waiters(self.store, reader, self.channel)
+        self.waiters = Waiters(self.store, NewEntries(reader), self.channel)
         self.rate = RateLimiter(self.store)
         self.waits = WaitLimiter(settings.max_long_polls, settings.max_long_polls_per_service)
 

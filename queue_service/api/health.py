@@ -29,7 +29,7 @@ async def readyz(request: Request) -> JSONResponse:
     wanted = request.query_params.get("service")
     services = [app.service(wanted)] if wanted else list(app.services.services)
     try:
-        await app.redis.ping()
+        await app.store.ping()
         if scope == "api":
             return JSONResponse({"status": "ready", "redis": "ok"})
         verdicts = {service.name: await service_readiness(app.store, service) for service in services}

@@ -72,7 +72,7 @@ class Metrics:
             name = service.name
             inputs = await store.state(keys.input_queue(name))
             sink = await store.state(keys.sink_queue(name))
-            stats = await store.redis.hgetall(keys.timings(name))
+            decoded = await store.timings(name)
             self.waiting.labels(name).set(inputs.waiting)
             self.in_flight.labels(name).set(inputs.in_flight)
             self.oldest_age.labels(name).set(max(0.0, now - inputs.oldest_put) if inputs.oldest_put else 0)
@@ -80,7 +80,6 @@ class Metrics:
             self.sink_items.labels(name).set(sink.length)
             self.sink_bytes.labels(name).set(sink.bytes)
             self.backlog_per_worker.labels(name).set(inputs.backlog_per_worker)
-            decoded = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in stats.items()}
             for hist_name, family in histograms.items():
                 cumulative, buckets = 0.0, []
                 for bound in bucket_bounds():

@@ -22,12 +22,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import redis.exceptions
-from redis.asyncio import Redis
 
 from queue_service.store import keys
 from queue_service.store.keys import QueueKeys, QueueName
-from queue_service.store.model import Outcome, Reply
-from queue_service.store.queues import QueueStore
+from queue_service.store.model import Reply
+from queue_service.store.queues import Entries, NewEntries, QueueStore
+from queue_service.store.scripts import decode_reply
 
 log = logging.getLogger("queue_service.api.waiters")
 
@@ -97,7 +97,7 @@ class _GroupWaiters:
 class ServiceWaiters:
     """The waiters of one service in this process, and its reader and ticker tasks."""
 
-    def __init__(self, service: str, store: QueueStore, reader: Redis, channel: str) -> None:
+    def __init__(self, service: str, store: QueueStore, reader: NewEntries, channel: str) -> None:
         self.service = service
         self.store = store
         self.reader = reader
@@ -211,7 +211,7 @@ class ServiceWaiters:
                 await asyncio.sleep(0.05)  # a queue whose cursor is being read: its waiter sets _changed
                 continue
             self._changed.clear()
-            read = asyncio.ensure_future(self.reader.xread(streams, count=READ_COUNT, block=BLOCK_MS))  # type: ignore[arg-type]
+            read = asyncio.ensure_future(self.reader.after(streams, count=READ_COUNT, block_ms=BLOCK_MS))
             changed = asyncio.ensure_future(self._changed.wait())
             try:
                 done, _ = await asyncio.wait({read, changed}, return_when=asyncio.FIRST_COMPLETED)
@@ -234,11 +234,10 @@ class ServiceWaiters:
                 log.warning("waiting on %s: %s; retrying", self.service, exc)
                 await asyncio.sleep(READER_RETRY_SECONDS)
                 continue
-            self._dispatch(list(answer or []))
+            self._dispatch(answer)
 
-    def _dispatch(self, answer: list) -> None:
-        for stream, entries in answer:
-            name = stream.decode() if isinstance(stream, bytes) else stream
+    def _dispatch(self, answer: Entries) -> None:
+        for name, entries in answer:
             if name == self.reply_stream:
                 for entry_id, fields in entries:
                     self._reply_cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -286,25 +285,10 @@ class ServiceWaiters:
                     await task
 
 
-def decode_reply(fields: dict[bytes, bytes]) -> Reply:
-    """A sync answer as finish.lua wrote it to the reply stream."""
-    outcome = Outcome(
-        body=bytes(fields.get(b"body", b"")),
-        status=int(fields.get(b"status", b"500")),
-        content_type=fields.get(b"type", b"application/octet-stream").decode(),
-    )
-    return Reply(
-        request_id=fields.get(b"rid", b"").decode(),
-        outcome=outcome,
-        queue_wait=float(fields.get(b"wait", b"0")),
-        processing=float(fields.get(b"proc", b"0")),
-    )
-
-
 class Waiters:
     """Every service's waiters in this API process; `channel` names this process's reply stream."""
 
-    def __init__(self, store: QueueStore, reader: Redis, channel: str) -> None:
+    def __init__(self, store: QueueStore, reader: NewEntries, channel: str) -> None:
         self.store = store
         self.reader = reader
         self.channel = channel

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -221,6 +222,14 @@ class QueueStore:
     async def last_index(self, qk: QueueKeys) -> int:
         return int(await self.redis.get(qk.seq) or 0)
 
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    async def timings(self, service: str) -> dict[str, float]:
+        """The workers' histogram counters of a service (`queue_service/timings.py` names the fields)."""
+        raw = await self.redis.hgetall(keys.timings(service))
+        return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+
     # --- watches -------------------------------------------------------------------------
 
     async def join(self, qk: QueueKeys, group: str, *, start_index: int, max_groups: int, idle_ms: int) -> bool:
@@ -258,6 +267,21 @@ class QueueStore:
                 pipe.xpending_range(stream, group, min="-", max="+", count=1, idle=lease_ms)
             answers = await pipe.execute(raise_on_error=False)
         return any(isinstance(answer, list) and answer for answer in answers)
+
+
+Entries = list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]
+
+
+class NewEntries:
+    """The API's blocking reader: entries put after given ids, on a client of its own
+    (`connection.blocking_client`), so that waiting never takes a connection from the pool of short commands."""
+
+    def __init__(self, client: Redis) -> None:
+        self.client = client
+
+    async def after(self, streams: Mapping[str, str], *, count: int, block_ms: int) -> Entries:
+        answer: Any = await self.client.xread(dict(streams), count=count, block=block_ms)  # type: ignore[arg-type]
+        return [(_text(stream), list(entries)) for stream, entries in answer or []]
 
 
 def queue_keys(service: str, queue: QueueName) -> QueueKeys:

@@ -31,6 +31,7 @@ from queue_service.store.model import (
     Outcome,
     QueueFull,
     Read,
+    Reply,
     Taken,
     TooManyGroups,
 )
@@ -292,6 +293,21 @@ def finish(
             REPLY_STREAM_MAXLEN,
         ],
         decode,
+    )
+
+
+def decode_reply(fields: dict[bytes, bytes]) -> Reply:
+    """A sync answer as finish.lua writes it to an API process's reply stream."""
+    outcome = Outcome(
+        body=bytes(fields.get(b"body", b"")),
+        status=int(fields.get(b"status", b"500")),
+        content_type=fields.get(b"type", b"application/octet-stream").decode(),
+    )
+    return Reply(
+        request_id=fields.get(b"rid", b"").decode(),
+        outcome=outcome,
+        queue_wait=float(fields.get(b"wait", b"0")),
+        processing=float(fields.get(b"proc", b"0")),
     )
 
 

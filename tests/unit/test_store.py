@@ -15,7 +15,6 @@ import pytest
 import redis
 import redis.asyncio
 
-from queue_service.api.waiters import decode_reply
 from queue_service.embedded_redis import RedisServer
 from queue_service.store import consumer as consumer_module
 from queue_service.store import keys, scripts
@@ -37,6 +36,7 @@ from queue_service.store.model import (
     TooManyGroups,
 )
 from queue_service.store.queues import QueueStore
+from queue_service.store.scripts import decode_reply
 from tests.support.counts import assert_counts_true, counters
 from workers.runner import given_up
 

@@ -45,28 +45,20 @@ def check_authorization(
     ``expected_token`` None or empty means the service is open. ``path`` is the request path as
     the client signed it, e.g. ``/api/predict/echo``.
     """
-    if not expected_token:
-        return None
-    authorization = (_header(headers, "Authorization") or "").strip()
-    if not authorization:
-        return "missing Authorization header"
-    if _same(authorization, expected_token):
-        return None
-    scheme, _, credential = authorization.partition(" ")
-    if scheme.lower() == "bearer":
-        return None if _same(credential.strip(), expected_token) else "wrong token"
-    if scheme.lower() == "eas":
-        return _check_signature(
-            expected_token,
-            credential.strip(),
-            headers,
-            method=method,
-            path=path,
-            body=body,
-            now=time.time() if now is None else now,
-            max_skew_seconds=max_skew_seconds,
-        )
-    return "wrong token"
+    problem, signature = _read_authorization(expected_token, headers)
+    if problem or signature is None:
+        return problem
+    assert expected_token is not None  # a signature is only read for a service with a token
+    return _check_signature(
+        expected_token,
+        signature,
+        headers,
+        method=method,
+        path=path,
+        body=body,
+        now=time.time() if now is None else now,
+        max_skew_seconds=max_skew_seconds,
+    )
 
 
 def check_before_body(expected_token: str | None, headers: Mapping[str, str]) -> str | None:
@@ -74,19 +66,24 @@ def check_before_body(expected_token: str | None, headers: Mapping[str, str]) ->
 
     None also means "signed": that form is checked by `check_authorization` once the body is in.
     """
+    return _read_authorization(expected_token, headers)[0]
+
+
+def _read_authorization(expected_token: str | None, headers: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(a reason to refuse, or None; the signature still to check against the body, or None)."""
     if not expected_token:
-        return None
+        return None, None
     authorization = (_header(headers, "Authorization") or "").strip()
     if not authorization:
-        return "missing Authorization header"
+        return "missing Authorization header", None
     if _same(authorization, expected_token):
-        return None
+        return None, None
     scheme, _, credential = authorization.partition(" ")
     if scheme.lower() == "bearer":
-        return None if _same(credential.strip(), expected_token) else "wrong token"
+        return (None if _same(credential.strip(), expected_token) else "wrong token"), None
     if scheme.lower() == "eas":
-        return None
-    return "wrong token"
+        return None, credential.strip()
+    return "wrong token", None
 
 
 def sign(token: str, *, method: str, path: str, body: bytes, content_type: str, date: str) -> str:

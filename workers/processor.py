@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from queue_service.store.model import OCTET_STREAM, TEXT_PLAIN, Outcome
+from workers.context import RequestContext
 
 APPLICATION_JSON = "application/json"
 
@@ -37,7 +38,7 @@ class ProcessorResultError(Exception):
 class LoadedProcessor:
     """A processor as a worker uses it: initialized once, its results normalized to an Outcome."""
 
-    __slots__ = ("_initialize", "_initialized", "_process", "path", "target")
+    __slots__ = ("_initialize", "_initialized", "_process", "_wants_context", "path", "target")
 
     def __init__(self, target: object, path: str) -> None:
         self.target = target
@@ -47,7 +48,7 @@ class LoadedProcessor:
             initialize = getattr(target, "initialize", None)
             if initialize is not None and not callable(initialize):
                 raise ProcessorLoadError(f"processor {path!r}: `initialize` is not callable")
-            self._process: Callable[[bytes], object] = method
+            self._process: Callable[..., object] = method
             self._initialize: Callable[[], object] | None = initialize
         elif callable(target):
             self._process = target
@@ -58,6 +59,7 @@ class LoadedProcessor:
                 "nor has a `process` method"
             )
         self._initialized = False
+        self._wants_context = _takes_two_arguments(self._process)
 
     def initialize(self) -> None:
         """Run the processor's `initialize()` once; later calls do nothing."""
@@ -68,11 +70,23 @@ class LoadedProcessor:
         # Set only after success, so a failed load is retried rather than silently skipped.
         self._initialized = True
 
-    def process(self, data: bytes) -> Outcome:
-        """Run the processor on one request body; its own exceptions propagate unchanged."""
+    def process(self, data: bytes, context: RequestContext | None = None) -> Outcome:
+        """Run the processor on one request body (and its context, if it takes one); its own exceptions propagate."""
         # Initializing here too means no caller can run a processor whose model is not loaded.
         self.initialize()
+        if self._wants_context:
+            return normalize_result(self._process(data, context))
         return normalize_result(self._process(data))
+
+
+def _takes_two_arguments(function: Callable[..., object]) -> bool:
+    """Whether `function(data, context)` is how to call it (a second parameter, or *args)."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):  # some builtins have no signature: call them with the body only
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
 
 
 def normalize_result(value: object) -> Outcome:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from queue_service.store.model import Item, Outcome
+from workers.context import RequestContext
 from workers.processor import LoadedProcessor
 
 log = logging.getLogger("queue_service.worker")
@@ -24,7 +25,7 @@ class ProcessingTimeout(BaseException):
 
 def run_item(processor: LoadedProcessor, item: Item) -> Outcome:
     try:
-        return processor.process(item.data)
+        return processor.process(item.data, RequestContext.of(item))
     except Exception as exc:  # the user's code failed on this input: 400, and the worker goes on
         message = f"{type(exc).__name__}: {exc}"
         log.info("processor failed on %s: %s", item.request_id, message)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from queue_service.store.model import Outcome
+from workers.context import RequestContext
 from workers.processor import (
     APPLICATION_JSON,
     OCTET_STREAM,
@@ -212,3 +213,19 @@ def test_load_errors_name_the_path(user_module: str, path: str, message: str) ->
     with pytest.raises(ProcessorLoadError, match=message) as raised:
         load_processor(path)
     assert repr(path) in str(raised.value)
+
+
+def test_a_processor_that_takes_a_second_parameter_gets_the_request_context() -> None:
+    class WithContext:
+        def process(self, data: bytes, context: RequestContext) -> str:
+            return f"{context.request_id} {context.path} {context.tags['user']} {data.decode()}"
+
+    context = RequestContext("rid-1", "svc", 7, path="v1/chat", tags={"user": "ana"})
+    assert LoadedProcessor(WithContext(), "m:WithContext").process(b"hi", context).body == b"rid-1 v1/chat ana hi"
+
+
+def test_a_processor_of_the_body_alone_is_called_with_the_body_alone() -> None:
+    def upper(data: bytes) -> bytes:
+        return data.upper()
+
+    assert LoadedProcessor(upper, "m:upper").process(b"hi", RequestContext("r", "s", 1)).body == b"HI"

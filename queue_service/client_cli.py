@@ -20,6 +20,8 @@ from urllib.parse import quote, urlencode
 import click
 import httpx
 
+from queue_service.protocol import GID_HEADER, LAST_CODE_HEADER, REQUEST_ID_HEADER, UID_HEADER
+
 EXIT_OK = 0
 EXIT_REFUSED = 1  # the server said no: an error status, a processor's error result, not ready
 EXIT_USAGE = 2  # click's own code for a bad command line
@@ -38,10 +40,6 @@ Exit codes:
 """
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-LAST_CODE_HEADER = "X-Eas-Queueservice-Last-Code"
-REQUEST_ID_HEADER = "X-Eas-Queueservice-Request-Id"
-UID_HEADER = "X-EAS-QueueService-Redis-Uid"
-GID_HEADER = "X-EAS-QueueService-Redis-Gid"
 # Longest single long poll: a terminal's progress line is refreshed this often.
 PROGRESS_POLL_SECONDS = 0.5
 # Without a terminal nobody watches progress: fewer, longer polls.

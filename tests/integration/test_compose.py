@@ -61,8 +61,9 @@ def environment(spec: dict[str, Any]) -> dict[str, str]:
     """A service's environment, from either of the spec's forms (mapping or KEY=VALUE list)."""
     env = spec.get("environment") or {}
     if isinstance(env, list):
-        env = dict(item.split("=", 1) for item in env)
-    return {key: str(value) for key, value in env.items()}
+        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    # A key without a value is passed on from the shell that runs Compose (here: not set).
+    return {key: str(value) for key, value in env.items() if value is not None}
 
 
 # Compose's interpolation: `$$` is a literal `$`; `${VAR:-default}` / `${VAR-default}` / `${VAR}` / `$VAR`.

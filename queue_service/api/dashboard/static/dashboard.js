@@ -70,6 +70,7 @@
 
   function seconds(value) {
     if (value === null || value === undefined || Number.isNaN(value)) return "–";
+    if (value < 0.001) return (value * 1e6).toFixed(0) + " µs";
     if (value < 1) return (value * 1000).toFixed(value < 0.01 ? 1 : 0) + " ms";
     if (value < 120) return value.toFixed(value < 10 ? 2 : 1) + " s";
     if (value < 7200) return (value / 60).toFixed(1) + " min";

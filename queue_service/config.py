@@ -162,6 +162,8 @@ class Settings(BaseSettings):
     body_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
     # API: bytes of item data in one answer (a get, a watch take); always at least one item.
     max_answer_bytes: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
+    # API: the Bearer token of /dashboard. Empty: the dashboard is served to loopback clients only.
+    admin_token: str = ""
 
     def load_services(self) -> ServicesFile:
         return load_services(self.services)

@@ -22,7 +22,7 @@ from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
-from queue_service.api import health, openapi, queue_routes
+from queue_service.api import dashboard, health, openapi, queue_routes
 from queue_service.api.context import App
 from queue_service.api.errors import ApiError, error_response
 from queue_service.api.metrics import Metrics
@@ -122,9 +122,12 @@ def create_app(
         reader = redis_client or connection.blocking_client(settings.redis_url, BLOCK_MS / 1000)
         state = App(settings, services, client, reader, app_metrics)
         fastapi_app.state.qs = state
+        answer_counts = dashboard.AnswerCounts(app_metrics, state.store)
+        answer_counts.start()
         try:
             yield
         finally:
+            await answer_counts.stop()
             await state.waiters.close()
             if redis_client is None:
                 await client.aclose()
@@ -133,6 +136,7 @@ def create_app(
     # No slash redirects: Starlette builds them from the client's Host header.
     app = FastAPI(title="queue-service", lifespan=lifespan, redirect_slashes=False, docs_url=None, redoc_url=None)
     app.router.routes.extend(queue_routes.routes())
+    app.router.routes.extend(dashboard.routes())
     app.add_api_route("/healthz", health.healthz, methods=["GET"], summary="the process is alive")
     app.add_api_route(
         "/readyz", health.readyz, methods=["GET"], summary="every service (or ?service=, ?scope=api) can serve"

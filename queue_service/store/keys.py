@@ -126,6 +126,14 @@ def maintenance_lock(service: str) -> str:
     return f"{_service(service)}:maintenance"
 
 
+def answers(service: str, minute: int) -> str:
+    """Hash: the API processes' answers for the service in one minute (unix time // 60), by `<operation>:<status>`.
+
+    Each API process adds its counts every few seconds (api/dashboard/answers.py); the key expires an hour
+    after the last addition."""
+    return f"{_service(service)}:answers:{minute}"
+
+
 def service_keys(service: str) -> list[str]:
     """Every fixed-name key of a service (not the reply streams of API processes, which expire by themselves)."""
     return [

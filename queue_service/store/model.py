@@ -171,3 +171,40 @@ class Position:
     consumer_id: str
     is_pending: bool
     wait_count: int
+
+
+# --- what the dashboard reads --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Holding:
+    """An input item a worker holds now (a pending entry of the workers' group)."""
+
+    worker: str
+    index: int
+    request_id: str
+    put_ms: int
+    deliveries: int
+    idle_ms: int  # since the holder last renewed its lease (renewals reset it), not since it started
+    priority: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FailedResult:
+    """A result in the sink whose status is not 200 (its data is not read)."""
+
+    index: int
+    request_id: str
+    finished_ms: int
+    status: int
+    message: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class FailureScan:
+    """The failed results among the newest `scanned` sink items (the scan is bounded)."""
+
+    scanned: int
+    oldest_ms: int  # finish time of the oldest item looked at; 0 when the sink is empty
+    failures: list[FailedResult]

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from queue_service.store import keys, scripts
 from queue_service.store.keys import WORKER_GROUP, QueueKeys, QueueName
-from queue_service.store.model import DataFrame, Position, PutResult, QueueState, Read
+from queue_service.store.model import DataFrame, FailureScan, Holding, Position, PutResult, QueueState, Read
 
 # How many items one truncate script removes before the next step (a huge truncate must not block Redis).
 TRUNCATE_STEP = 1000
@@ -267,6 +267,43 @@ class QueueStore:
                 pipe.xpending_range(stream, group, min="-", max="+", count=1, idle=lease_ms)
             answers = await pipe.execute(raise_on_error=False)
         return any(isinstance(answer, list) and answer for answer in answers)
+
+    # --- the dashboard's reads, and the API processes' answer counts -----------------------
+
+    async def workers(self, service: str) -> dict[str, float]:
+        """Every worker the service saw lately: name -> unix time its liveness lapses (in the past: stale)."""
+        raw: Any = await self.redis.zrange(keys.live_workers(service), 0, -1, withscores=True)
+        return {_text(name): float(score) for name, score in raw}
+
+    async def holding(self, service: str, most: int = 500) -> list[Holding]:
+        """The input items workers hold now (the workers' group's pending entries), with their request ids."""
+        return await self.scripts.run_async(scripts.holding(service, most=most))
+
+    async def recent_failures(self, service: str, *, scan: int = 500, message_bytes: int = 500) -> FailureScan:
+        """Failed results (status not 200) among the newest `scan` items of the sink, without their data."""
+        return await self.scripts.run_async(scripts.failures(service, scan=scan, message_bytes=message_bytes))
+
+    async def peek_result(self, service: str, index: int, max_bytes: int) -> tuple[int, bytes] | None:
+        """(size, first `max_bytes` bytes) of the result at sink index `index`; None when it is gone."""
+        return await self.scripts.run_async(scripts.peek(service, index, max_bytes=max_bytes))
+
+    async def add_answers(self, counts: Mapping[str, Mapping[str, int]], minute: int, ttl_seconds: int) -> None:
+        """Add an API process's answer counts ({service: {"<operation>:<status>": n}}) to the minute's counters."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for service, fields in counts.items():
+                key = keys.answers(service, minute)
+                for field, amount in fields.items():
+                    pipe.hincrby(key, field, amount)
+                pipe.expire(key, ttl_seconds)
+            await pipe.execute()
+
+    async def answers(self, service: str, minutes: Sequence[int]) -> list[dict[str, int]]:
+        """The answer counts of each minute of `minutes` (every API process's, added up)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for minute in minutes:
+                pipe.hgetall(keys.answers(service, minute))
+            raw = await pipe.execute()
+        return [{_text(field): int(value) for field, value in counts.items()} for counts in raw]
 
 
 Entries = list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]

@@ -23,7 +23,10 @@ from queue_service.store.model import (
     RELEASED_ONLY_MS,
     REPLY_TTL_MS,
     DataFrame,
+    FailedResult,
+    FailureScan,
     Finished,
+    Holding,
     Item,
     ItemGone,
     NoLiveWorker,
@@ -52,6 +55,9 @@ NAMES = (
     "join",
     "rate",
     "reconcile",
+    "holding",
+    "failures",
+    "peek",
 )
 # How many replies one API process's reply stream keeps (it reads them as they come).
 REPLY_STREAM_MAXLEN = 10_000
@@ -470,3 +476,63 @@ def held(qk: QueueKeys, *, group: str, consumer: str, mode: str, most: int) -> C
 def rate(service: str, per_second: float) -> Call[int]:
     """0 when a request is admitted, else milliseconds until one would be."""
     return Call("rate", [keys.rate_limit(service)], [per_second], int)
+
+
+# --- the dashboard's reads (read-only) -------------------------------------------------------
+
+
+def holding(service: str, *, most: int) -> Call[list[Holding]]:
+    """The input items workers hold now, with their request ids (at most `most` per stream)."""
+    qi = keys.input_queue(service)
+
+    def decode(raw: Any) -> list[Holding]:
+        return [
+            Holding(
+                worker=_text(consumer),
+                index=keys.index_of(entry_id),
+                request_id=_text(rid),
+                put_ms=int(put_ms or 0),
+                deliveries=int(deliveries),
+                idle_ms=int(idle),
+                priority=int(stream) == 1,
+            )
+            for stream, entry_id, consumer, idle, deliveries, rid, put_ms in raw
+        ]
+
+    return Call("holding", [qi.high, qi.normal], [most], decode)
+
+
+def failures(service: str, *, scan: int, message_bytes: int) -> Call[FailureScan]:
+    """The failed results among the newest `scan` items of each sink stream, newest first."""
+    qs = keys.sink_queue(service)
+
+    def decode(raw: Any) -> FailureScan:
+        scanned, oldest, found = raw
+        failed = [
+            FailedResult(
+                index=keys.index_of(entry_id),
+                request_id=_text(rid),
+                finished_ms=int(ts or 0),
+                status=int(code),
+                message=_text(message),
+                size=int(size),
+            )
+            for entry_id, rid, ts, code, message, size in found
+        ]
+        failed.sort(key=lambda f: f.index, reverse=True)
+        return FailureScan(int(scanned), int(oldest), failed)
+
+    return Call("failures", [qs.high, qs.normal], [scan, message_bytes], decode)
+
+
+def peek(service: str, index: int, *, max_bytes: int) -> Call[tuple[int, bytes] | None]:
+    """(size, first `max_bytes` bytes) of one sink item's data, or None when it is not in the sink."""
+    qs = keys.sink_queue(service)
+
+    def decode(raw: Any) -> tuple[int, bytes] | None:
+        if not raw:
+            return None
+        size, prefix = raw
+        return int(size), bytes(prefix)
+
+    return Call("peek", [qs.high, qs.normal], [index, max_bytes], decode)

@@ -1,9 +1,10 @@
 """compose.yaml and the Dockerfile, checked where no Docker engine runs.
 
 The compose file is validated against the Compose spec's JSON schema (the copy that
-check-jsonschema ships), and the api and worker services' commands are run, with their
-environment, as local processes against a local redis-server: only the addresses of the
-container network and the mounted services file's path are rewritten to local ones.
+check-jsonschema ships), its `${VAR:-default}` values are read as Compose reads them, and the api
+and worker services' commands are run, with their environment, as local processes against a local
+redis-server: only the addresses of the container network and the mounted services file's path are
+rewritten to local ones.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -27,11 +29,13 @@ import pytest
 import yaml
 from jsonschema.validators import validator_for
 
+from queue_service import probe
 from queue_service.config import load_services
 from queue_service.durations import parse_duration
 from queue_service.embedded_redis import RedisServer, free_port
-from queue_service.testing import ManagedProcess, wait_until_ready
+from queue_service.testing import ManagedProcess, wait_until_ready, write_services
 from tests.support.repo import REPO_ROOT
+from tests.support.slow_start import LOADING_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +45,7 @@ DOCKERIGNORE = REPO_ROOT / ".dockerignore"
 # The programs of the services' commands: the console scripts the project's dependencies install.
 VENV_BIN = Path(sys.executable).parent
 APP_SERVICES = ("api", "worker")
+SLOW_START = "tests.support.slow_start:SlowStart"
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +61,41 @@ def environment(spec: dict[str, Any]) -> dict[str, str]:
     """A service's environment, from either of the spec's forms (mapping or KEY=VALUE list)."""
     env = spec.get("environment") or {}
     if isinstance(env, list):
-        env = dict(item.split("=", 1) for item in env)
-    return {key: str(value) for key, value in env.items()}
+        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    # A key without a value is passed on from the shell that runs Compose (here: not set).
+    return {key: str(value) for key, value in env.items() if value is not None}
+
+
+# Compose's interpolation: `$$` is a literal `$`; `${VAR:-default}` / `${VAR-default}` / `${VAR}` / `$VAR`.
+_INTERPOLATION = re.compile(r"\$(?:(\$)|\{(\w+)(?:(:?-)([^}]*))?\}|(\w+))")
+
+
+def interpolate(value: str, env: dict[str, str] | None = None) -> str:
+    """A value of the compose file as Compose makes it, with `env` as the shell's (and .env's) variables."""
+    env = env or {}
+
+    def one(match: re.Match[str]) -> str:
+        dollar, name, operator, default, bare = match.groups()
+        if dollar:
+            return "$"
+        if bare:
+            return env.get(bare, "")
+        if operator == ":-":
+            return env.get(name) or default
+        if operator == "-":
+            return env.get(name, default)
+        return env.get(name, "")
+
+    return _INTERPOLATION.sub(one, value)
+
+
+def command_of(spec: dict[str, Any]) -> list[str]:
+    """The service's command as the container runs it; a `sh -c` script becomes the words of its exec."""
+    argv = [interpolate(arg) for arg in spec["command"]]
+    if argv[:2] == ["sh", "-c"]:
+        words = shlex.split(argv[2])
+        return words[1:] if words[0] == "exec" else words
+    return argv
 
 
 def bind_mounts(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -115,11 +153,48 @@ def test_api_and_worker_wait_for_a_healthy_redis_and_share_the_mounted_services_
         assert {"echo", "sleep", "language-id"} <= set(names)
 
 
-def test_api_publishes_its_port_and_checks_readiness(compose: dict[str, Any]) -> None:
-    spec = service(compose, "api")
-    assert "8000:8000" in spec["ports"]
-    assert "--port" in spec["command"] and spec["command"][spec["command"].index("--port") + 1] == "8000"
-    assert "/readyz?scope=api" in " ".join(spec["healthcheck"]["test"])
+def test_published_ports_listen_on_loopback_unless_the_environment_says_otherwise(compose: dict[str, Any]) -> None:
+    published = {name: spec["ports"] for name, spec in compose["services"].items() if "ports" in spec}
+    assert set(published) == {"api", "rq-dashboard"}
+    for ports in published.values():
+        for port in ports:
+            # host address:host port:container port; a bare "8000:8000" would listen on every interface.
+            assert interpolate(port).split(":")[0] == "127.0.0.1", port
+    api_port = published["api"][0]
+    assert interpolate(api_port) == "127.0.0.1:8000:8000"
+    assert interpolate(api_port, {"QS_API_ADDRESS": "0.0.0.0", "QS_API_PORT": "9000"}) == "0.0.0.0:9000:8000"
+    dashboard_port = published["rq-dashboard"][0]
+    assert interpolate(dashboard_port, {"QS_RQ_DASHBOARD_PORT": "9999"}) == "127.0.0.1:9999:9181"
+    command = service(compose, "api")["command"]
+    assert command[command.index("--port") + 1] == "8000"
+
+
+def test_api_healthcheck_is_a_plain_http_get_of_readiness(compose: dict[str, Any]) -> None:
+    check = service(compose, "api")["healthcheck"]
+    # The stdlib probe, not `queue-service health` (which imports the whole CLI and timed out under load).
+    assert check["test"][:4] == ["CMD", "python", "-m", "queue_service.probe"]
+    assert check["test"][4].endswith("/readyz?scope=api")
+    assert parse_duration(check["timeout"]) > probe.TIMEOUT_SECONDS
+
+
+def test_one_redis_setting_serves_the_api_the_workers_and_rq_dashboard(compose: dict[str, Any]) -> None:
+    url = environment(service(compose, "api"))["QS_REDIS_URL"]
+    assert environment(service(compose, "worker"))["QS_REDIS_URL"] == url
+    assert environment(service(compose, "rq-dashboard"))["RQ_DASHBOARD_REDIS_URL"] == url
+    # rq's command line connects before our worker class runs: it must be told the same URL, not its default.
+    worker = command_of(service(compose, "worker"))
+    assert worker[worker.index("--url") + 1] == "$QS_REDIS_URL"
+    assert "redis://" not in " ".join(service(compose, "worker")["command"])
+
+
+def test_the_app_image_is_built_once_and_only_processes_without_a_handler_get_an_init(compose: dict[str, Any]) -> None:
+    app = [name for name, spec in compose["services"].items() if spec.get("image") == "queue-service:local"]
+    assert sorted(app) == ["api", "worker"]
+    assert [name for name in app if "build" in service(compose, name)] == ["api"]
+    assert service(compose, "worker")["pull_policy"] == "never"
+    # uvicorn and our worker handle SIGTERM themselves; rq-dashboard does not, and as PID 1 would ignore it.
+    assert service(compose, "rq-dashboard")["init"] is True
+    assert not any(service(compose, name).get("init") for name in APP_SERVICES)
 
 
 def test_worker_stops_gracefully_and_can_be_scaled(compose: dict[str, Any]) -> None:
@@ -176,6 +251,16 @@ def dockerignored(path: str) -> bool:
     return excluded
 
 
+def test_dockerfile_needs_no_frontend_image() -> None:
+    # A `# syntax=` line makes BuildKit pull a frontend image first: offline, the build fails.
+    assert not any(line.lstrip().lower().startswith("# syntax=") for line in DOCKERFILE.read_text().splitlines())
+
+
+def test_rq_dashboard_image_installs_what_rq_dashboard_imports_without_declaring() -> None:
+    stage = DOCKERFILE.read_text().split("AS rq-dashboard", 1)[1].split("FROM ", 1)[0]
+    assert '"rq-dashboard~=0.9.0"' in stage and "six" in stage
+
+
 def test_dockerfile_copies_paths_that_exist_and_reach_the_build_context() -> None:
     copies = [shlex.split(i.args) for i in dockerfile_instructions() if i.keyword == "COPY"]
     local = [args for args in copies if not any(arg.startswith("--from") for arg in args)]
@@ -211,7 +296,7 @@ def test_dockerfile_builds_the_compose_targets_from_python_slim_as_a_non_root_us
 def test_the_services_commands_are_installed_by_the_project(compose: dict[str, Any]) -> None:
     requirements = " ".join(metadata.requires("queue-service") or [])
     for name, package in (("api", "uvicorn"), ("worker", "rq")):
-        program = service(compose, name)["command"][0]
+        program = command_of(service(compose, name))[0]
         assert program == package and package in requirements
         assert shutil.which(program, path=str(VENV_BIN)), f"{program} is not installed in {VENV_BIN}"
 
@@ -220,7 +305,10 @@ def test_the_services_commands_are_installed_by_the_project(compose: dict[str, A
 
 
 def localize(compose: dict[str, Any], name: str, redis_url: str, api_port: int) -> tuple[list[str], dict[str, str]]:
-    """The service's command and environment, with container addresses and paths made local."""
+    """The service's command and environment, with container addresses and paths made local.
+
+    A `sh -c` command runs under sh as in the container (the script reads the environment); the venv's
+    programs come first on its PATH."""
     spec = service(compose, name)
     compose_redis = environment(service(compose, "api"))["QS_REDIS_URL"]
     mounts = {target: str((COMPOSE_FILE.parent / m["source"]).resolve()) for target, m in bind_mounts(spec).items()}
@@ -228,12 +316,13 @@ def localize(compose: dict[str, Any], name: str, redis_url: str, api_port: int) 
     def local(value: str) -> str:
         return redis_url if value == compose_redis else mounts.get(value, value)
 
-    argv = [local(arg) for arg in spec["command"]]
+    argv = [local(interpolate(arg)) for arg in spec["command"]]
     for flag, value in (("--host", "127.0.0.1"), ("--port", str(api_port))):
         if flag in argv:
             argv[argv.index(flag) + 1] = value
     argv[0] = shutil.which(argv[0], path=str(VENV_BIN)) or argv[0]
-    env = {key: local(value) for key, value in environment(spec).items()}
+    env = {key: local(interpolate(value)) for key, value in environment(spec).items()}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
     assert "redis:6379" not in " ".join(argv + list(env.values()))
     return argv, env
 
@@ -338,3 +427,26 @@ def test_compose_api_healthcheck_fails_when_redis_is_gone(
     failed = run_healthcheck(compose, "api", local_stack.base_url)
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "not ready" in failed.stderr
+
+
+def test_compose_worker_exits_promptly_on_a_stop_while_its_processor_loads(
+    compose: dict[str, Any], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # `docker compose stop` (or a rollout) while a model loads: without a handler of its own the worker,
+    # PID 1 in its container, ignored the SIGTERM and was SIGKILLed after the whole grace period.
+    services = write_services(tmp_path / "services.yaml", [{"name": "slow", "processor": SLOW_START}])
+    argv, env = localize(compose, "worker", redis_server.url, free_port())
+    loading = tmp_path / "loading"
+    env |= {"QS_SERVICES": str(services), LOADING_ENV: str(loading)}
+    worker = ManagedProcess(argv, name="compose-worker", env=env, log_dir=tmp_path, cwd=REPO_ROOT)
+    try:
+        wait_until_ready(worker, loading.exists, 60, "loading its processor")
+        stopped_at = time.monotonic()
+        worker.terminate()  # SIGTERM, compose's stop_signal
+        code = worker.wait(timeout=30)
+        took = time.monotonic() - stopped_at
+    finally:
+        worker.stop()
+    assert code == 0, worker.log_tail()
+    assert took < 10, f"exited {took:.1f} s after SIGTERM"
+    assert "stopped while loading" in worker.log_text()

@@ -6,7 +6,7 @@
 - `POST /inspect/<path>`: JSON of what arrived: `path`, `contentType`, `requestId`, `headers`, `body`.
 - `POST /status/<code>`: answers `<code>` with the body `status <code>`.
 - `POST /hang`: never answers (a hung model server).
-- `POST /count`: counts the requests it got (`GET /count` says how many).
+- `POST /slow/<ms>`: the body back after `<ms>` milliseconds.
 - `POST` anything else: the body back with its Content-Type, after `ECHO_UPSTREAM_DELAY_MS` ms (0 by
   default): a model whose answer takes that long without using the CPU.
 """
@@ -26,7 +26,6 @@ DELAY_ENV = "ECHO_UPSTREAM_DELAY_MS"
 
 def create_app() -> Starlette:
     delay = float(os.environ.get(DELAY_ENV, "0")) / 1000
-    counted = [0]
 
     async def health(request: Request) -> Response:
         return PlainTextResponse("ok")
@@ -50,10 +49,9 @@ def create_app() -> Starlette:
         await asyncio.sleep(3600)
         return PlainTextResponse("late")
 
-    async def count(request: Request) -> Response:
-        if request.method == "POST":
-            counted[0] += 1
-        return PlainTextResponse(str(counted[0]))
+    async def slow(request: Request) -> Response:
+        await asyncio.sleep(int(request.path_params["ms"]) / 1000)
+        return Response(await request.body(), media_type=request.headers.get("content-type"))
 
     async def echo(request: Request) -> Response:
         body = await request.body()
@@ -67,7 +65,7 @@ def create_app() -> Starlette:
             Route("/inspect/{path:path}", inspect, methods=["POST"]),
             Route("/status/{code:int}", status, methods=["POST"]),
             Route("/hang", hang, methods=["POST"]),
-            Route("/count", count, methods=["GET", "POST"]),
+            Route("/slow/{ms:int}", slow, methods=["POST"]),
             Route("/{path:path}", echo, methods=["POST"]),
         ]
     )

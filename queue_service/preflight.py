@@ -140,14 +140,13 @@ def check_processors(services: Sequence[ServiceConfig], timeout: float, env: dic
 def _load_each(wanted: list[dict[str, Any]]) -> dict[str, Any]:
     """In the child: load each processor as a worker would; the first failure, or the services whose
     processor runs concurrently."""
-    from workers.processor import ProcessorLoadError, check_batching, load_processor
+    from workers.processor import ProcessorLoadError, check_batching, check_single, load_processor
 
     concurrent = []
     for each in wanted:
         try:
             processor = load_processor(each["processor"])
-            if each["batching"]:
-                check_batching(processor)
+            (check_batching if each["batching"] else check_single)(processor)
         except ProcessorLoadError as exc:
             return {"service": each["service"], "error": f"{exc}{_did_you_mean(each['processor'])}"}
         except Exception as exc:  # a processor's own constructor may raise anything

@@ -124,17 +124,18 @@ class LeaseKeeper(threading.Thread):
             for held in helds:
                 self._held[id(held)] = held
             if main:
-                self.reason = None
-                self._main = helds
+                if not self._main:  # a new unit of the main thread (a batch being filled adds to its own)
+                    self.reason = None
+                self._main = [*self._main, *helds]
         return helds
 
     def drop(self, helds: Iterable[Held]) -> None:
         """No longer ours to keep: finished, released or given up."""
         with self._lock:
-            for held in helds:
-                self._held.pop(id(held), None)
-                if held.main:
-                    self._main = []
+            gone = {id(held) for held in helds}
+            for key in gone:
+                self._held.pop(key, None)
+            self._main = [held for held in self._main if id(held) not in gone]
 
     def held(self) -> list[Held]:
         with self._lock:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from queue_service.config import ServiceConfig
-from workers.processor import LoadedProcessor, check_batching, load_processor
+from workers.processor import LoadedProcessor, check_batching, check_single, load_processor
 
 Mode = Literal["one", "batch", "concurrent"]
 
@@ -50,6 +50,8 @@ def plan_service(service: ServiceConfig, worker_threads: int | None = None) -> S
         processor = load_processor(service.processor_path)
     if service.rpc.batching:
         check_batching(processor)
+    else:
+        check_single(processor)
     mode = mode_of(processor, service.rpc.batching)
     if mode == "concurrent":
         return ServicePlan(service, processor, mode, threads, threads)

@@ -55,6 +55,7 @@ class LoadedProcessor:
         "_wants_context",
         "accepts_batches",
         "batch_is_async",
+        "batch_only",
         "is_async",
         "path",
         "target",
@@ -65,11 +66,12 @@ class LoadedProcessor:
         self.target = target
         self.path = path
         method = getattr(target, "process", None)
-        if callable(method):
+        batch_only = method is None and callable(getattr(target, "process_batch", None))
+        if callable(method) or batch_only:
             initialize = getattr(target, "initialize", None)
             if initialize is not None and not callable(initialize):
                 raise ProcessorLoadError(f"processor {path!r}: `initialize` is not callable")
-            self._process: Callable[..., object] = method
+            self._process: Callable[..., object] = method if callable(method) else self._no_process
             self._initialize: Callable[[], object] | None = initialize
         elif callable(target):
             self._process = target
@@ -80,6 +82,7 @@ class LoadedProcessor:
                 "nor has a `process` method"
             )
         self._initialized = False
+        self.batch_only = batch_only
         self._wants_context = _takes_two_arguments(self._process)
         self.is_async = inspect.iscoroutinefunction(self._process)
         # Declarations are read as `is True`: a stray truthy attribute must not change how the code runs.
@@ -136,6 +139,9 @@ class LoadedProcessor:
         if inspect.isawaitable(value):
             value = await value
         return normalize_result(value)
+
+    def _no_process(self, data: bytes) -> object:
+        raise ProcessorResultError(f"processor {self.path!r} has only `process_batch`: it runs with batching on")
 
     def _call(self, data: bytes, context: RequestContext | None) -> object:
         if self._wants_context:
@@ -262,6 +268,15 @@ def load_processor(path: str) -> LoadedProcessor:
     if inspect.isclass(target):
         target = _instantiate(target, path)
     return LoadedProcessor(target, path)
+
+
+def check_single(processor: LoadedProcessor) -> None:
+    """A processor with only `process_batch` needs `metadata.rpc.batching` on: refused at start-up otherwise."""
+    if processor.batch_only:
+        raise ProcessorLoadError(
+            f"processor {processor.path!r} has `process_batch` but no `process`: turn metadata.rpc.batching on "
+            "for its service, or add `process`"
+        )
 
 
 def check_batching(processor: LoadedProcessor) -> None:

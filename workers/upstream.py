@@ -4,8 +4,8 @@
       upstream: {url: "http://127.0.0.1:8000", health: "/health", timeout: 600}
       metadata: {rpc: {worker_threads: 8}}
 
-Each item is one `POST <url>[/<sub-path>]` with the item's body and Content-Type, on one kept-alive
-connection pool per worker process (httpx, `worker_threads` connections): the upstream's status and body
+Each item is one `POST <url>[/<sub-path>]` with the item's body and Content-Type, on `worker_threads`
+kept-alive connections per worker process (httpx): the upstream's status and body
 are the result (a non-2xx status is kept, and tagged `lastCode`). Connection errors and timeouts are tried
 again `retries` times with a doubling backoff, then the item ends with 502 (no answer) or 504 (no answer in
 `timeout` seconds). A thread of its own asks `health` every `health_interval_seconds`: the worker counts
@@ -45,7 +45,7 @@ class Upstream:
         root = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
         self.health_url = root + settings.health if settings.health else ""
         self._healthy = not self.health_url
-        self._client: httpx.AsyncClient | None = None
+        self._clients: asyncio.Queue[httpx.AsyncClient] | None = None
         self._stop = threading.Event()
         self._checked = False
 
@@ -85,15 +85,22 @@ class Upstream:
 
     # --- forwarding -----------------------------------------------------------------------------
 
-    def client(self) -> httpx.AsyncClient:
-        # Made on first use, inside the worker's event loop, which it then belongs to.
-        if self._client is None:
+    def _pool(self) -> asyncio.Queue[httpx.AsyncClient]:
+        # `connections` clients of one kept-alive connection each, lent to one request at a time: httpcore's
+        # own pool costs twice the CPU per request at 16 connections as at one (its lock and its scan of
+        # the connections; httpx issue 3215), and a request never waits for a connection anyway (the
+        # worker holds at most `connections` requests). Made on first use, inside the worker's event loop.
+        if self._clients is None:
             settings = self.settings
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
-                limits=httpx.Limits(max_connections=self.connections, max_keepalive_connections=self.connections),
-            )
-        return self._client
+            self._clients = asyncio.Queue()
+            for _ in range(self.connections):
+                self._clients.put_nowait(
+                    httpx.AsyncClient(
+                        timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
+                        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                    )
+                )
+        return self._clients
 
     def url_for(self, path: str) -> str:
         return f"{self.settings.url}/{path.lstrip('/')}" if path else self.settings.url
@@ -110,10 +117,12 @@ class Upstream:
         for attempt in range(settings.retries + 1):
             if attempt:
                 await asyncio.sleep(settings.backoff_seconds * 2 ** (attempt - 1))
+            pool = self._pool()
+            client = await pool.get()
             try:
                 # The whole attempt is bounded: httpx's read timeout is per read, a trickling upstream resets it.
                 async with asyncio.timeout(settings.timeout):
-                    response = await self.client().post(url, content=data, headers=headers)
+                    response = await client.post(url, content=data, headers=headers)
             except (TimeoutError, httpx.TimeoutException):
                 failure = Outcome.failure(
                     GATEWAY_TIMEOUT, f"upstream {url} did not answer within upstream.timeout={settings.timeout:g}s"
@@ -122,6 +131,8 @@ class Upstream:
                 failure = Outcome.failure(BAD_GATEWAY, f"upstream {url}: {type(exc).__name__}: {exc}")
             else:
                 return _outcome_of(response)
+            finally:
+                pool.put_nowait(client)
             log.info("request %s: attempt %d: %s", context.request_id, attempt + 1, failure.message)
         return Outcome.failure(failure.status, f"{failure.message} ({settings.retries + 1} attempts)")
 

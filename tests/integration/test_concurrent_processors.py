@@ -28,6 +28,12 @@ def services(services_file: ServicesFileFactory) -> Path:
         [
             {"name": "threads", "processor": "tests.integration.processors:ThreadSafeSleep", "metadata": {"rpc": rpc}},
             {"name": "sleep", "processor": "workers.examples:Sleep", "metadata": {"rpc": rpc}},  # not thread-safe
+            {
+                "name": "limited",
+                "processor": "tests.integration.processors:ThreadSafeSleep",
+                "metadata": {"rpc": rpc},
+                "queue": {"max_processing_seconds": 1},
+            },
         ]
     )
 
@@ -98,3 +104,18 @@ def test_a_worker_started_by_hand_takes_qs_worker_threads(
     request_ids = puts(stack, "threads", 6, 1.5)
 
     assert most_held(sync_redis, "threads", worker, request_ids, stack) == 2
+
+
+def test_a_request_in_a_thread_past_its_limit_ends_with_408_at_the_limit_and_the_others_are_served(
+    api: ApiFactory, services: Path, redis_url: str, tmp_path: Path, process_logs: list[ManagedProcess]
+) -> None:
+    stack = api(services)
+    start(redis_url, services, tmp_path, process_logs, "limited")
+    [stuck] = puts(stack, "limited", 1, 30)
+    answer = httpx.get(
+        f"{stack.url}/api/predict/limited/sink", params={"requestId": stuck, "_timeout_": "8s"}, timeout=20
+    )
+    assert answer.status_code == 200 and answer.json()[0]["tags"]["lastCode"] == "408"  # at 1 s, not 30 s
+    [after] = puts(stack, "limited", 1, 0.1)  # its thread still sleeps; another thread serves this one
+    answer = httpx.get(f"{stack.url}/api/predict/limited/sink", params={"requestId": after, "_timeout_": "8s"})
+    assert answer.status_code == 200 and "lastCode" not in answer.json()[0]["tags"]

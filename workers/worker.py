@@ -12,7 +12,9 @@ We replace where work comes from: items are taken from the services' Redis strea
 (`queue_service.store.consumer`) instead of RQ's lists, and run in this process, with no fork per item,
 because a model is loaded once per process and GPU contexts do not survive fork. One "job" of rq's loop is
 one unit of work: one item, a batch (`metadata.rpc.batching`), or the items handed to the requests this
-process holds at once (`workers/plan.py` says which; `workers/inflight.py` runs the last kind).
+process holds at once (`workers/plan.py` says which; `workers/inflight.py` runs the last kind). How many
+requests one process holds for a processor that can (async, an upstream, `thread_safe = True`): the
+environment variable `QS_WORKER_THREADS`, else each service's `metadata.rpc.worker_threads`.
 
 A SIGTERM while the processors load (imports, `initialize()`) stops the loading and exits 0 at once: rq
 installs its handlers only after bootstrap, and a process with no handler, as PID 1 in a container, would
@@ -209,11 +211,15 @@ class QueueWorker(SimpleWorker):
     def teardown(self) -> None:
         # Requests held concurrently finish first (the keeper, still running, renews them and ends the
         # grace period); a cold stop hands them back at once.
-        with contextlib.suppress(Exception):
+        try:
             if self._cold_stop:
                 self.inflight.stop_now()
             else:
                 self.inflight.drain()
+        except SystemExit:  # a second signal while they finish: hand them back, then go on stopping
+            self.inflight.stop_now()
+        except Exception:
+            self.log.exception("Worker %s: stopping the requests in flight", self.name)
         self.keeper.stopping.set()
         with contextlib.suppress(redis.RedisError):
             self.keeper.flush()

@@ -12,7 +12,7 @@ import click
 from pydantic import ValidationError
 
 from queue_service.client_cli import attrs, get, health, put, watch
-from queue_service.config import ConfigError, ServicesFile, load_services
+from queue_service.config import ConfigError, ServiceConfig, ServicesFile, load_services
 from queue_service.embedded_redis import RedisServer, RedisServerError, RedisServerNotFound
 from queue_service.preflight import PreflightError, bind_listener, check_processors, check_redis
 from queue_service.supervisor import SupervisionFailed, Supervisor, UpSettings
@@ -69,7 +69,8 @@ for command in (put, get, watch, attrs, health):
     "--workers",
     "worker_count",
     type=click.IntRange(min=0),
-    help="rq worker processes per service. Default: each service's metadata.rpc.worker_threads.",
+    help="rq worker processes per service. Default: metadata.rpc.worker_threads of them, or one holding that "
+    "many requests for an async processor, an upstream or a thread-safe one.",
 )
 def up(
     services_file: Path | None,
@@ -99,7 +100,6 @@ def up(
         raise click.ClickException(problems) from None
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    counts = {s.name: s.rpc.worker_threads if worker_count is None else worker_count for s in services.services}
 
     env = dict(os.environ)
     if services_file:
@@ -107,7 +107,7 @@ def up(
     else:
         env.pop("QS_SERVICES", None)
 
-    listener = _check_before_start(services, counts, host, port, redis_url, settings, env)
+    listener, counts = _check_before_start(services, worker_count, host, port, redis_url, settings, env)
     _warn_open_services(services, host, port)
 
     redis_server: RedisServer | None = None
@@ -155,14 +155,15 @@ def up(
 
 def _check_before_start(
     services: ServicesFile,
-    counts: dict[str, int],
+    worker_count: int | None,
     host: str,
     port: int,
     redis_url: str | None,
     settings: UpSettings,
     env: dict[str, str],
-) -> socket.socket:
-    """Every check before anything starts: the API's bound socket, or one line and exit 1, nothing left."""
+) -> tuple[socket.socket, dict[str, int]]:
+    """Every check before anything starts: the API's bound socket and the worker processes per service, or
+    one line and exit 1, nothing left."""
     try:
         listener = bind_listener(host, port)
     except PreflightError as exc:
@@ -171,13 +172,20 @@ def _check_before_start(
         if redis_url:
             check_redis(redis_url)
         # Services without workers here are served elsewhere: their processors need not load on this machine.
-        served_here = [service for service in services.services if counts[service.name] > 0]
-        if served_here:
-            check_processors(served_here, settings.preflight_timeout_seconds, env=env)
+        served_here = services.services if worker_count != 0 else []
+        concurrent = check_processors(served_here, settings.preflight_timeout_seconds, env=env)
     except PreflightError as exc:
         listener.close()
         raise click.ClickException(str(exc)) from None
-    return listener
+    return listener, {service.name: processes(service, worker_count, concurrent) for service in services.services}
+
+
+def processes(service: ServiceConfig, worker_count: int | None, concurrent: set[str]) -> int:
+    """Worker processes of a service: --workers, else `worker_threads` requests at once: one process holds
+    them all for a processor that can (async, an upstream, thread-safe), else one process per request."""
+    if worker_count is not None:
+        return worker_count
+    return 1 if service.name in concurrent else service.rpc.worker_threads
 
 
 def _warn_open_services(services: ServicesFile, host: str, port: int) -> None:

@@ -10,6 +10,7 @@ import re
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,6 +31,11 @@ class RpcSettings(_Strict):
     worker_threads: Annotated[int, Field(gt=0, le=1024)] = 5
     max_queue_size: Annotated[int, Field(gt=0)] = 64
     rate_limit: Annotated[float, Field(ge=0, description="requests per second per service; 0 = off")] = 0
+    # Dynamic batching (the platform's keys): up to max_batch_size items per call of the processor's
+    # `process_batch`; a busy worker waits at most max_batch_timeout ms from its first item for more.
+    batching: bool = False
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
+    max_batch_timeout: Annotated[int, Field(ge=0, le=60_000, description="ms")] = 20
 
 
 class Metadata(_Strict):
@@ -57,9 +63,46 @@ class QueueSettings(_Strict):
     sink: SinkSettings = SinkSettings()
 
 
+class UpstreamSettings(_Strict):
+    """Ours: an HTTP model server the built-in upstream processor forwards each item to (workers/upstream.py)."""
+
+    url: str
+    # Path answered with a 2xx while the server can take requests; null: no check (always healthy).
+    health: str | None = "/health"
+    # Seconds one attempt may take, from connecting to the last byte of the answer (504 after the retries).
+    timeout: Annotated[float, Field(gt=0)] = 600
+    connect_timeout: Annotated[float, Field(gt=0)] = 5
+    # Further attempts after a connection error or a timeout, with backoff doubling from backoff_seconds.
+    retries: Annotated[int, Field(ge=0, le=10)] = 2
+    backoff_seconds: Annotated[float, Field(ge=0)] = 0.5
+    health_interval_seconds: Annotated[float, Field(gt=0)] = 1.0
+    # Sent with every forwarded request, e.g. the model server's own API key.
+    headers: dict[str, str] = {}
+
+    @field_validator("url")
+    @classmethod
+    def _is_an_http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:8080")
+        return value.rstrip("/")
+
+    @field_validator("health")
+    @classmethod
+    def _is_a_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must be a path starting with '/', e.g. /health (or null: no check)")
+        return value
+
+
+# What an upstream service runs: the built-in processor that forwards to `upstream.url`.
+UPSTREAM_PROCESSOR = "workers.upstream:Upstream"
+
+
 class ServiceConfig(_Strict):
     name: str
-    processor: str
+    processor: str | None = None
+    upstream: UpstreamSettings | None = None
     token: str | None = None
     metadata: Metadata = Metadata()
     queue: QueueSettings = QueueSettings()
@@ -74,11 +117,28 @@ class ServiceConfig(_Strict):
 
     @field_validator("processor")
     @classmethod
-    def _processor_is_an_import_path(cls, value: str) -> str:
+    def _processor_is_an_import_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         module, sep, attr = value.partition(":")
         if not sep or not module or not attr:
             raise ValueError("must be an import path 'module:attr', e.g. workers.examples:Echo")
         return value
+
+    @model_validator(mode="after")
+    def _a_processor_or_an_upstream(self) -> ServiceConfig:
+        if self.processor is None and self.upstream is None:
+            raise ValueError("a service needs `processor` (an import path) or `upstream` ({url: ...})")
+        if self.processor is not None and self.upstream is not None:
+            raise ValueError("a service has `processor` or `upstream`, not both")
+        if self.upstream is not None and self.rpc.batching:
+            raise ValueError("metadata.rpc.batching: an upstream gets one request per call; batching is for processors")
+        return self
+
+    @property
+    def processor_path(self) -> str:
+        """The import path of what the workers run: the processor, or the built-in upstream processor."""
+        return self.processor or UPSTREAM_PROCESSOR
 
     @property
     def rpc(self) -> RpcSettings:
@@ -153,6 +213,9 @@ class Settings(BaseSettings):
     # Workers: how long a stop (SIGTERM) waits for the item in hand before handing it back.
     # Below Kubernetes' default 30 s termination grace, so the hand-back happens before SIGKILL.
     shutdown_grace_seconds: float = 25
+    # Workers: requests one process holds at once for a processor that can (async, an upstream, or a
+    # sync one that says `thread_safe = True`); unset: each service's metadata.rpc.worker_threads.
+    worker_threads: Annotated[int | None, Field(gt=0, le=1024)] = None
     # API: open waits (long polls, streams) one process holds, in all and per service (429 past them).
     max_long_polls: Annotated[int, Field(gt=0)] = 256
     max_long_polls_per_service: Annotated[int, Field(gt=0)] = 128

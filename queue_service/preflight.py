@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -98,9 +98,20 @@ def check_redis(url: str, timeout: float = REDIS_TIMEOUT_SECONDS) -> None:
 # --- the processors ------------------------------------------------------------------------
 
 
-def check_processors(services: Sequence[ServiceConfig], timeout: float, env: dict[str, str] | None = None) -> None:
-    """Load every service's processor in one child process; the first failure names its service."""
-    wanted = [{"service": service.name, "processor": service.processor} for service in services]
+def check_processors(services: Sequence[ServiceConfig], timeout: float, env: dict[str, str] | None = None) -> set[str]:
+    """Load every service's processor in one child process; the first failure names its service.
+
+    Returns the services whose processor can hold several requests in one process (async, or declared
+    thread-safe; an upstream always can, and needs no import): `up` starts one process for those.
+    """
+    concurrent = {service.name for service in services if service.upstream is not None and not service.rpc.batching}
+    wanted = [
+        {"service": service.name, "processor": service.processor, "batching": service.rpc.batching}
+        for service in services
+        if service.processor is not None
+    ]
+    if not wanted:
+        return concurrent
     try:
         done = subprocess.run(
             [sys.executable, "-m", "queue_service.preflight"],
@@ -123,20 +134,26 @@ def check_processors(services: Sequence[ServiceConfig], timeout: float, env: dic
         raise PreflightError(f"loading the processors failed (exit code {done.returncode}){detail}") from None
     if answer.get("error"):
         raise PreflightError(f"service {answer['service']!r}: {answer['error']}")
+    return concurrent | set(answer.get("concurrent", []))
 
 
-def _load_each(wanted: list[dict[str, str]]) -> dict[str, str]:
-    """In the child: load each processor as a worker would; the first failure, or {} when all load."""
-    from workers.processor import ProcessorLoadError, load_processor
+def _load_each(wanted: list[dict[str, Any]]) -> dict[str, Any]:
+    """In the child: load each processor as a worker would; the first failure, or the services whose
+    processor runs concurrently."""
+    from workers.processor import ProcessorLoadError, check_batching, check_single, load_processor
 
+    concurrent = []
     for each in wanted:
         try:
-            load_processor(each["processor"])
+            processor = load_processor(each["processor"])
+            (check_batching if each["batching"] else check_single)(processor)
         except ProcessorLoadError as exc:
             return {"service": each["service"], "error": f"{exc}{_did_you_mean(each['processor'])}"}
         except Exception as exc:  # a processor's own constructor may raise anything
             return {"service": each["service"], "error": f"{each['processor']!r}: {type(exc).__name__}: {exc}"}
-    return {}
+        if processor.concurrent and not each["batching"]:  # as workers/plan.py decides
+            concurrent.append(each["service"])
+    return {"concurrent": concurrent}
 
 
 def _did_you_mean(path: str) -> str:

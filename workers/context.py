@@ -19,7 +19,10 @@ class RequestContext:
     path: str = ""
     tags: dict[str, str] = field(default_factory=dict)
     deliveries: int = 1  # 2 and more: an earlier worker took it and stopped
+    content_type: str = ""  # the put's Content-Type, as the client sent it
 
     @classmethod
     def of(cls, item: Item) -> RequestContext:
-        return cls(item.request_id, item.service, item.index, item.path, dict(item.tags), item.deliveries)
+        return cls(
+            item.request_id, item.service, item.index, item.path, dict(item.tags), item.deliveries, item.content_type
+        )

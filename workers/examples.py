@@ -1,4 +1,5 @@
-"""Example processors to start from: Echo, Sleep, and LanguageId, a real small model on the CPU.
+"""Example processors to start from: Echo, Sleep, BatchSim (a batching stand-in for a GPU), and LanguageId,
+a real small model on the CPU.
 
 Run one with e.g. `--processor workers.examples:LanguageId`. LanguageId needs the `examples`
 extra (`pip install 'queue-service[examples]'`); this module imports without it.
@@ -36,6 +37,28 @@ class Sleep:
         # time.sleep, not a busy loop: the worker's SIGALRM job timeout interrupts it.
         time.sleep(seconds)
         return {"slept": seconds}
+
+
+class BatchSim:
+    """A stand-in for a GPU model that batches: one call costs 20 ms plus 1 ms per item, whatever the body.
+
+    With `metadata.rpc.batching` on, the worker calls `process_batch` with up to `max_batch_size` bodies;
+    each result is `{"batch": n}`, the size of the batch it ran in. Alone, `process` takes 21 ms.
+    """
+
+    CALL_SECONDS = 0.020
+    ITEM_SECONDS = 0.001
+
+    def initialize(self) -> None:
+        """Nothing to load."""
+
+    def process(self, data: bytes) -> dict[str, int]:
+        time.sleep(self.CALL_SECONDS + self.ITEM_SECONDS)
+        return {"batch": 1}
+
+    def process_batch(self, data: list[bytes]) -> list[dict[str, int]]:
+        time.sleep(self.CALL_SECONDS + self.ITEM_SECONDS * len(data))
+        return [{"batch": len(data)}] * len(data)
 
 
 class LanguageId:

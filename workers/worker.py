@@ -10,7 +10,11 @@ setting names it for the API and the workers; else rq's `--url` is. RQ gives the
 registration (`rq info` lists it), SIGTERM = finish the item in hand then exit, a second SIGTERM = stop now.
 We replace where work comes from: items are taken from the services' Redis streams under a renewable lease
 (`queue_service.store.consumer`) instead of RQ's lists, and run in this process, with no fork per item,
-because a model is loaded once per process and GPU contexts do not survive fork.
+because a model is loaded once per process and GPU contexts do not survive fork. One "job" of rq's loop is
+one unit of work: one item, a batch (`metadata.rpc.batching`), or the items handed to the requests this
+process holds at once (`workers/plan.py` says which; `workers/inflight.py` runs the last kind). How many
+requests one process holds for a processor that can (async, an upstream, `thread_safe = True`): the
+environment variable `QS_WORKER_THREADS`, else each service's `metadata.rpc.worker_threads`.
 
 A SIGTERM while the processors load (imports, `initialize()`) stops the loading and exits 0 at once: rq
 installs its handlers only after bootstrap, and a process with no handler, as PID 1 in a container, would
@@ -20,7 +24,6 @@ ignore the signal until it is killed. A processor that cannot load is one line o
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import math
 import signal
 import sys
@@ -39,11 +42,15 @@ from queue_service.config import ConfigError, ServiceConfig, Settings
 from queue_service.store import connection
 from queue_service.store.connection import REDIS_DOWN
 from queue_service.store.consumer import TakeRules, WorkerStore
-from queue_service.store.model import CANCELLED, Item, ItemGone, NotHolder, Outcome
+from queue_service.store.model import Finished, Item, Outcome
 from queue_service.timings import TimingCounts
-from workers.lease_keeper import SHUTDOWN, Interrupted, LeaseKeeper
-from workers.processor import LoadedProcessor, ProcessorLoadError, load_processor
-from workers.runner import ProcessingTimeout, given_up, run_item
+from workers.inflight import InFlight
+from workers.lease_keeper import SHUTDOWN, Held, Interrupted, LeaseKeeper
+from workers.plan import ServicePlan, plan_service
+from workers.processor import ProcessorLoadError
+from workers.results import Done, Publisher
+from workers.runner import ProcessingTimeout, given_up, run_batch, run_item
+from workers.watchdog import Watchdog
 
 # Exit code of a worker whose services file or processor cannot be used (sysexits' EX_CONFIG).
 EXIT_CONFIG = 78
@@ -51,10 +58,8 @@ EXIT_CONFIG = 78
 IDLE_POLL_SECONDS = 1.0
 # How often a worker also takes items whose lease lapsed (their holder died); at most a quarter lease.
 CLAIM_INTERVAL_SECONDS = 1.0
-# Extra time past queue.max_processing_seconds before the watchdog ends a process stuck in C code.
-WATCHDOG_EXTRA_SECONDS = 10.0
-# How long a finished item's result is retried while Redis is away, before giving it up to the lease.
-FINISH_RETRY_SECONDS = 300.0
+# How soon a worker whose concurrent slots are all taken looks again for work of its other services.
+FULL_POLL_SECONDS = 0.05
 SINK_FULL_WARNING_INTERVAL = 30.0
 BROKEN_SERVICE_BACKOFF_SECONDS = 5.0
 # rq heartbeats after every job and again before the next: round trips per item for a key that lives
@@ -118,17 +123,33 @@ class QueueWorker(SimpleWorker):
             self.services = [services_file.by_name[name] for name in wanted]
         self._by_name = {service.name: service for service in self.services}
         self._rules = {service.name: take_rules(service) for service in self.services}
-        self.processors: dict[str, LoadedProcessor] = {}
+        self.plans: dict[str, ServicePlan] = {}
         for service in self.services:
             try:
-                self.processors[service.name] = load_processor(service.processor)
+                self.plans[service.name] = plan_service(service, settings.worker_threads)
             except ProcessorLoadError as exc:
                 _fail_start(f"service {service.name!r}: {exc}")
+        self.processors = {name: plan.processor for name, plan in self.plans.items()}
         self.store = WorkerStore(self.connection, self.name)
         self.timings = TimingCounts()
         self._stop_asked_at: float | None = None
+        self._cold_stop = False
         self.keeper = LeaseKeeper(
-            self.store, self.services, lambda: self._stop_asked_at, settings.shutdown_grace_seconds, self.timings
+            self.store,
+            self.services,
+            lambda: self._stop_asked_at,
+            settings.shutdown_grace_seconds,
+            self.timings,
+            live=lambda name: self.processors[name].healthy(),
+        )
+        self.watchdog = Watchdog()
+        self.publisher = Publisher(self.store, self.keeper, self.timings, self.name, self._finished)
+        self.inflight = InFlight(
+            self.keeper,
+            self.publisher,
+            self.watchdog,
+            {name: plan.capacity for name, plan in self.plans.items() if plan.mode == "concurrent"},
+            {service.name: service.queue.max_processing_seconds for service in self.services},
         )
         self._next_service = 0
         self._next_claim = dict.fromkeys(self._by_name, 0.0)
@@ -149,6 +170,7 @@ class QueueWorker(SimpleWorker):
             super().bootstrap(*args, **kwargs)
             # Load models once per process, before the first request and before counting as live.
             for name, processor in self.processors.items():
+                self.log.info("Worker %s: %s runs %s", self.name, name, _describe(self.plans[name]))
                 started = time.monotonic()
                 try:
                     processor.initialize()
@@ -168,10 +190,15 @@ class QueueWorker(SimpleWorker):
             super().teardown()
 
     def request_stop(self, signum: Any, frame: Any) -> None:
-        # Warm stop: finish the item in hand, within the grace period (the keeper enforces it).
+        # Warm stop: finish the items in hand, within the grace period (the keeper enforces it).
         if self._stop_asked_at is None:
             self._stop_asked_at = time.monotonic()
         super().request_stop(signum, frame)
+
+    def request_force_stop(self, signum: Any, frame: Any) -> None:
+        # Cold stop (a second signal): what runs concurrently is handed back at teardown, not waited for.
+        self._cold_stop = True
+        super().request_force_stop(signum, frame)
 
     def _shutdown(self) -> None:
         # rq raises StopRequested from the signal handler when the worker is idle, wherever the main
@@ -182,6 +209,17 @@ class QueueWorker(SimpleWorker):
             self.set_shutdown_requested_date()
 
     def teardown(self) -> None:
+        # Requests held concurrently finish first (the keeper, still running, renews them and ends the
+        # grace period); a cold stop hands them back at once.
+        try:
+            if self._cold_stop:
+                self.inflight.stop_now()
+            else:
+                self.inflight.drain()
+        except SystemExit:  # a second signal while they finish: hand them back, then go on stopping
+            self.inflight.stop_now()
+        except Exception:
+            self.log.exception("Worker %s: stopping the requests in flight", self.name)
         self.keeper.stopping.set()
         with contextlib.suppress(redis.RedisError):
             self.keeper.flush()
@@ -258,169 +296,199 @@ class QueueWorker(SimpleWorker):
         raise StopRequested()
 
     def _next_job(self, timeout: int | None, max_idle_time: int | None, idle_since: float) -> tuple[Job, Queue] | None:
+        waited = False
         while True:
             if self._stop_requested:
                 raise StopRequested()
             self.heartbeat()  # throttled by heartbeat() itself
-            item, last = self._take_next()
-            if item is not None:
-                return self._job_for(item), self._queue_for(item)
-            if timeout is None:  # burst mode: nothing left, quit
+            items, last, full = self._take_next()
+            if items:
+                return self._job_for(items, from_idle=waited), self._queue_for(items[0])
+            if timeout is None:  # burst mode: nothing left, quit (teardown lets what runs finish)
                 return None
             if max_idle_time is not None and time.monotonic() - idle_since > max_idle_time:
                 return None
-            self._write_idle()
-            self.store.wait_for_new(last, IDLE_POLL_SECONDS)
+            if not self.inflight.total():
+                self._write_idle()
+            self._wait(last, full)
+            waited = True
 
-    def _take_next(self) -> tuple[Item | None, dict[str, int]]:
-        """One item, trying services round-robin so that one busy service cannot starve another; else the
-        last index of each service, to wait for what comes after it."""
+    def _wait(self, last: dict[str, int], full: bool) -> None:
+        """Until new work may be there: an item put after `last`, or (`full`) a slot that frees."""
+        if last:
+            self.store.wait_for_new(last, FULL_POLL_SECONDS if full else IDLE_POLL_SECONDS)
+        elif full:
+            self.inflight.wait_for_change(IDLE_POLL_SECONDS)
+        else:  # nothing may be taken now (an upstream that is down, broken keys): look again soon
+            time.sleep(IDLE_POLL_SECONDS)
+
+    def _take_next(self) -> tuple[list[Item], dict[str, int], bool]:
+        """Items of one service, trying services round-robin so that one busy service cannot starve another;
+        else the last index of each service that could take (to wait for what comes after it), and whether
+        a service had no free slot."""
         count = len(self.services)
         last: dict[str, int] = {}
+        full = False
         for offset in range(count):
-            service = self.services[(self._next_service + offset) % count]
+            plan = self.plans[self.services[(self._next_service + offset) % count].name]
+            name = plan.name
             now = time.monotonic()
-            if self._skip_until.get(service.name, 0.0) > now:
+            if self._skip_until.get(name, 0.0) > now or not plan.processor.healthy():
                 continue
-            claim = now >= self._next_claim[service.name]
+            want = plan.want
+            if plan.mode == "concurrent":
+                want = min(want, self.inflight.free(name))
+                if want <= 0:
+                    full = True
+                    continue
+            claim = now >= self._next_claim[name]
             if claim:
-                self._next_claim[service.name] = now + min(CLAIM_INTERVAL_SECONDS, service.queue.lease_seconds / 4)
-            elif service.name in self._known_empty:
+                self._next_claim[name] = now + min(CLAIM_INTERVAL_SECONDS, plan.service.queue.lease_seconds / 4)
+            elif name in self._known_empty:
                 # The last finish saw nothing waiting: wait after its last index (an item put since wakes us).
-                last[service.name] = self._known_empty.pop(service.name)
+                last[name] = self._known_empty.pop(name)
                 continue
             try:
-                taken = self.store.take(service.name, self._rules[service.name], claim=claim)
+                taken = self.store.take(name, self._rules[name], want=want, claim=claim)
             except redis.ResponseError as exc:
                 # One service's broken keys must not stop the worker serving the others.
-                self._skip_until[service.name] = time.monotonic() + BROKEN_SERVICE_BACKOFF_SECONDS
-                self.log.error("Worker %s: cannot take from %s: %s", self.name, service.name, exc)
+                self._skip_until[name] = time.monotonic() + BROKEN_SERVICE_BACKOFF_SECONDS
+                self.log.error("Worker %s: cannot take from %s: %s", self.name, name, exc)
                 continue
             if taken.items:
                 self._next_service = (self._next_service + offset + 1) % count
-                return taken.items[0], last
-            last[service.name] = taken.last_index
+                return taken.items, last, full
+            last[name] = taken.last_index
             if taken.sink_full and time.monotonic() - self._sink_full_warned > SINK_FULL_WARNING_INTERVAL:
                 self._sink_full_warned = time.monotonic()
-                self.log.warning("Worker %s: sink of %s is full; not taking its input", self.name, service.name)
-        return None, last
+                self.log.warning("Worker %s: sink of %s is full; not taking its input", self.name, name)
+        return [], last, full
 
-    def _job_for(self, item: Item) -> Job:
-        # An in-memory job for rq's loop; never saved: the item lives in its stream.
-        job = Job.create(run_item, id=item.request_id, connection=self.connection, description=item.service)
-        job.meta["item"] = item
+    def _job_for(self, items: list[Item], *, from_idle: bool) -> Job:
+        # An in-memory job for rq's loop; never saved: the items live in their stream.
+        job = Job.create(run_item, id=items[0].request_id, connection=self.connection, description=items[0].service)
+        job.meta["items"] = items
+        job.meta["from_idle"] = from_idle  # the worker waited for these: load is low, a batch goes at once
         return job
 
     def _queue_for(self, item: Item) -> Queue:
         return next((q for q in self.queues if q.name == item.service), self.queues[0])
 
-    # --- running one item ---------------------------------------------------------------
+    # --- running a unit of work ---------------------------------------------------------
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        item: Item = job.meta["item"]
+        items: list[Item] = job.meta["items"]
+        plan = self.plans[items[0].service]
         self.set_state(WorkerStatus.BUSY)
-        self.procline(f"Processing {item.service} #{item.index}")
-        self.keeper.hold(item)
-        started = time.monotonic()
-        try:
-            if item.exhausted:
-                outcome = given_up(item)
-            else:
-                try:
-                    outcome = self._run_with_limit(item, self.service(item.service))
-                except Interrupted as exc:
-                    self._interrupted(item, exc.reason)
-                    return
-            processing = time.monotonic() - started
-            written = self._publish(item, outcome, processing)
-        except BaseException:
-            # Stopped mid-item (cold shutdown): hand the item back so another worker takes it now.
-            self._release_quietly(item)
-            raise
-        finally:
-            self.keeper.hold(None)
-        if written:
-            self.timings.add(item.service, item.queue_wait, processing, time.time() - item.put_ms / 1000)
-        self.log.info(
-            "Worker %s: %s #%d request_id=%s status=%d queue_wait=%.3fs processing=%.3fs%s",
-            self.name,
-            item.service,
-            item.index,
-            item.request_id,
-            outcome.status,
-            item.queue_wait,
-            processing,
-            "" if written else " (result dropped: another worker took the item over)",
-        )
-
-    def _publish(self, item: Item, outcome: Outcome, processing: float) -> bool:
-        """Write the outcome; False when the item was no longer ours (its lease lapsed and another took it)."""
         self._last_item_at = time.monotonic()
-        try:
-            finished = self._with_redis_retry(lambda: self.store.finish(item, outcome, processing))
-            if finished.waiting <= 0:
-                self._known_empty[item.service] = finished.last_index
-        except ItemGone:
-            if not self.keeper.lease_was_ours_when_gone(item):
-                return False
-            # Removed while it ran and finished before the keeper saw it: the request was cancelled.
-            self._finish_cancelled(item)
-        except NotHolder:
-            return False
-        return True
+        runnable = self._give_up_exhausted(items)
+        if not runnable:
+            return
+        if plan.mode == "concurrent":
+            self.inflight.submit(plan.processor, runnable)
+            return
+        self.procline(
+            f"Processing {plan.name} #{runnable[0].index}" + (f" +{len(runnable) - 1}" if len(runnable) > 1 else "")
+        )
+        self._run_unit(plan, runnable, from_idle=job.meta["from_idle"])
 
-    def _run_with_limit(self, item: Item, service: ServiceConfig) -> Outcome:
-        processor = self.processors[item.service]
-        limit = service.queue.max_processing_seconds
+    def _give_up_exhausted(self, items: list[Item]) -> list[Item]:
+        """Items delivered queue.max_delivery times end with their terminal answer; the rest, to run."""
+        exhausted = [item for item in items if item.exhausted]
+        if exhausted:
+            self.publisher.publish(
+                [Done(held, given_up(held.item)) for held in self.keeper.hold(exhausted, main=False)]
+            )
+        return [item for item in items if not item.exhausted]
+
+    def _run_unit(self, plan: ServicePlan, items: list[Item], *, from_idle: bool) -> None:
+        """One item, or one batch, in the main thread."""
+        helds = self.keeper.hold(items, main=True)
+        settled = False
+        try:
+            if plan.mode == "batch" and not from_idle and len(helds) < plan.want:
+                helds += self._fill_batch(plan, helds)
+            helds.sort(key=lambda held: not held.item.high)  # priority items first (stable otherwise)
+            started = time.monotonic()
+            try:
+                outcomes = self._run_with_limit(plan, [held.item for held in helds])
+            except Interrupted as exc:
+                settled = True
+                self.publisher.publish([Done(held, None, time.monotonic() - started) for held in helds])
+                if exc.reason == SHUTDOWN:
+                    self.log.warning("Worker %s: grace period over; %d item(s) handed back", self.name, len(helds))
+                    raise StopRequested() from None
+                return
+            settled = True
+            processing = time.monotonic() - started
+            self.publisher.publish([Done(h, o, processing) for h, o in zip(helds, outcomes, strict=True)])
+        except BaseException:
+            # Stopped mid-unit (cold shutdown): hand the items back so another worker takes them now.
+            if not settled:
+                self.publisher.release(helds)
+            raise
+
+    def _fill_batch(self, plan: ServicePlan, helds: list[Held]) -> list[Held]:
+        """A busy worker's batch that is not full waits for more, up to max_batch_timeout from its first item:
+        under load, fuller batches; a worker that came from idle never waits (see `_job_for`)."""
+        deadline = helds[0].item.taken_at + plan.service.rpc.max_batch_timeout / 1000
+        after = max(held.item.index for held in helds)
+        added: list[Held] = []
+        while len(helds) + len(added) < plan.want and not self._stop_requested:
+            left = deadline - time.time()
+            if left <= 0:
+                break
+            try:
+                self.store.wait_for_new({plan.name: after}, left)
+                taken = self.store.take(plan.name, self._rules[plan.name], want=plan.want - len(helds) - len(added))
+            except (*REDIS_DOWN, redis.ResponseError):
+                break  # serve what is in hand
+            runnable = self._give_up_exhausted(taken.items)
+            added += self.keeper.hold(runnable, main=True)
+            after = max([after, taken.last_index, *(item.index for item in taken.items)])
+        return added
+
+    def _run_with_limit(self, plan: ServicePlan, items: list[Item]) -> list[Outcome]:
+        limit = plan.service.queue.max_processing_seconds
+        token = 0
         self.keeper.processing = True
         try:
             if not limit:
-                return run_item(processor, item)
-            # SIGALRM stops Python code at the limit; the faulthandler watchdog (a C thread that
-            # needs no GIL) ends the process if the processor is stuck in C code, so that the
-            # supervisor replaces it and the lease hands the item to another worker.
-            faulthandler.dump_traceback_later(limit + WATCHDOG_EXTRA_SECONDS, exit=True)
+                return self._call(plan, items)
+            # SIGALRM stops Python code at the limit; the watchdog ends the process if the processor is
+            # stuck in C code, so that the supervisor replaces it and the leases hand the items to others.
+            token = self.watchdog.arm(limit)
             with UnixSignalDeathPenalty(math.ceil(limit), ProcessingTimeout):
-                return run_item(processor, item)
+                return self._call(plan, items)
         except ProcessingTimeout:
-            return Outcome.failure(408, f"processing took longer than queue.max_processing_seconds={limit:g}")
+            failure = Outcome.failure(408, f"processing took longer than queue.max_processing_seconds={limit:g}")
+            return [failure] * len(items)
         finally:
             # No interrupt comes once `processing` is off; then both timers are disarmed here, even
             # when an interrupt (a cancel, the grace period) cut the death penalty's own exit short:
             # a stray SIGALRM would end the worker's loop, a stray watchdog the process.
             self.keeper.processing = False
             signal.alarm(0)
-            faulthandler.cancel_dump_traceback_later()
+            if token:
+                self.watchdog.disarm(token)
 
-    def _finish_cancelled(self, item: Item) -> None:
-        outcome = Outcome.failure(499, "cancelled: the item was deleted from the input queue while it ran")
-        self._with_redis_retry(lambda: self.store.finish(item, outcome, held=False))
+    def _call(self, plan: ServicePlan, items: list[Item]) -> list[Outcome]:
+        if plan.mode == "batch":
+            return run_batch(plan.processor, items, self.inflight.run_coroutine)
+        return [run_item(plan.processor, items[0])]
 
-    def _interrupted(self, item: Item, reason: str) -> None:
-        if reason == CANCELLED:
-            self._finish_cancelled(item)
-            self.log.info(
-                "Worker %s: %s #%d request_id=%s cancelled", self.name, item.service, item.index, item.request_id
-            )
-        elif reason == SHUTDOWN:
-            self._release_quietly(item)
-            self.log.warning("Worker %s: grace period over; %s #%d handed back", self.name, item.service, item.index)
-            raise StopRequested()
-        else:
-            self.log.warning(
-                "Worker %s: %s #%d was taken over by another worker; stopped it", self.name, item.service, item.index
-            )
+    def _finished(self, service: str, finished: Finished) -> None:
+        # From the main thread or the finisher thread: plain assignments, no read-modify-write.
+        self._last_item_at = time.monotonic()
+        if finished.waiting <= 0:
+            self._known_empty[service] = finished.last_index
 
-    def _with_redis_retry(self, call: Any) -> Any:
-        """Retry while Redis is away (a restart): the result is not thrown away for a blip."""
 
-        def log_outage(state: Any) -> None:
-            self.log.error(
-                "Worker %s: Redis unreachable (%s) while finishing; retrying", self.name, state.outcome.exception()
-            )
-
-        return connection.outage_retry(FINISH_RETRY_SECONDS, log_outage)(call)
-
-    def _release_quietly(self, item: Item) -> None:
-        with contextlib.suppress(redis.RedisError):
-            self.store.release(item)
+def _describe(plan: ServicePlan) -> str:
+    if plan.mode == "batch":
+        rpc = plan.service.rpc
+        return f"batches of up to {rpc.max_batch_size} (max_batch_timeout {rpc.max_batch_timeout} ms)"
+    if plan.mode == "concurrent":
+        how = "on its event loop" if plan.processor.is_async else "in threads"
+        return f"up to {plan.capacity} requests at once {how}"
+    return "one request at a time"

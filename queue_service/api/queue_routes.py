@@ -35,8 +35,10 @@ async def put(request: Request, queue: QueueName) -> Response:
     else:
         max_items, max_bytes = call.service.queue.sink.max_length, call.service.queue.sink.max_bytes
     checkpoint("put.admitted")
+    # The body's Content-Type goes with an input item: an upstream gets the body as the client sent it.
+    content_type = request.headers.get("content-type", "") if queue == "input" else ""
     result = await call.app.store.put(
-        call.qk, call.body, tags, max_items=max_items, max_bytes=max_bytes, priority=priority
+        call.qk, call.body, tags, max_items=max_items, max_bytes=max_bytes, priority=priority, content_type=content_type
     )
     checkpoint("put.stored")
     request.state.request_id = result.request_id

@@ -44,6 +44,7 @@ async def call(request: Request, call: QueueCall) -> Response:
                 max_items=service.rpc.max_queue_size,
                 reply_channel=app.channel,
                 request_id=request_id,
+                content_type=request.headers.get("content-type", ""),
             )
         except NoLiveWorker:
             raise ApiError(503, f"no healthy upstream: no live worker serves service {service.name!r}") from None

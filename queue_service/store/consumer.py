@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
 
 from queue_service.store import keys, scripts
 from queue_service.store.keys import WORKER_GROUP
-from queue_service.store.model import CANCELLED, HANDED_OVER, HELD, Finished, Item, LeaseState, Outcome, Taken
+from queue_service.store.model import (
+    CANCELLED,
+    HANDED_OVER,
+    HELD,
+    Finished,
+    Item,
+    LeaseState,
+    Outcome,
+    StoreError,
+    Taken,
+)
 
 # Consumed results are remembered (`-<ms>` in the sink's request-id index) this long, so a client asking
 # later hears "finished, and its result was read" instead of "unknown".
@@ -33,6 +43,33 @@ class TakeRules:
     max_delivery: int
     sink_max_items: int
     sink_max_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """One outcome to publish (see `WorkerStore.finish`)."""
+
+    item: Item
+    outcome: Outcome
+    processing_seconds: float = 0.0
+    held: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """What a worker's lease keeper sends each tick, in one round trip: its liveness per service, and what it
+    holds (service -> JSON list; None: it holds nothing there now, the field goes)."""
+
+    live: Sequence[str]
+    not_live: Sequence[str] = ()
+    running: Mapping[str, str | None] = field(default_factory=dict)
+
+
+_LEASE_STATES: dict[int, LeaseState] = {
+    scripts.LEASE_HELD: HELD,
+    scripts.LEASE_GONE: CANCELLED,
+    scripts.LEASE_HANDED_OVER: HANDED_OVER,
+}
 
 
 class WorkerStore:
@@ -66,42 +103,85 @@ class WorkerStore:
 
     def renew(self, item: Item) -> LeaseState:
         """Extend the lease: HELD, CANCELLED (removed while held) or HANDED_OVER (the lease lapsed)."""
-        held, gone = self.scripts.run(
-            scripts.lease(item.stream, [item.entry_id], group=WORKER_GROUP, consumer=self.name)
-        )
-        if held:
-            return HELD
-        return CANCELLED if gone else HANDED_OVER
+        return self.renew_many([item])[0]
+
+    def renew_many(self, items: Sequence[Item]) -> list[LeaseState]:
+        """Extend the leases of several items in one round trip; one state per item, in order."""
+        return self._lease_many(items, release=False)
 
     def release(self, item: Item) -> None:
         """Give the item back unfinished: another worker may take it at once."""
-        call = scripts.lease(item.stream, [item.entry_id], group=WORKER_GROUP, consumer=self.name, release=True)
-        self.scripts.run(call)
+        self.release_many([item])
+
+    def release_many(self, items: Sequence[Item]) -> None:
+        if items:
+            self._lease_many(items, release=True)
+
+    def _lease_many(self, items: Sequence[Item], *, release: bool) -> list[LeaseState]:
+        by_stream: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            by_stream.setdefault(item.stream, []).append(i)
+        calls = [
+            scripts.lease(
+                stream, [items[i].entry_id for i in held], group=WORKER_GROUP, consumer=self.name, release=release
+            )
+            for stream, held in by_stream.items()
+        ]
+        states: list[LeaseState] = [HELD] * len(items)
+        answers: list[list[int] | StoreError] = self.scripts.run_many(calls, self.redis)
+        for held, answer in zip(by_stream.values(), answers, strict=True):
+            assert isinstance(answer, list)  # lease.lua has no failure answer
+            for i, state in zip(held, answer, strict=True):
+                states[i] = _LEASE_STATES[state]
+        return states
 
     def finish(self, item: Item, outcome: Outcome, processing_seconds: float = 0.0, *, held: bool = True) -> Finished:
         """Publish the outcome and remove the item; NotHolder when it is not ours any more."""
-        call = scripts.finish(
-            item,
-            outcome,
-            consumer=self.name,
-            now_ms=int(time.time() * 1000),
-            processing_seconds=processing_seconds,
-            held=held,
-        )
-        return self.scripts.run(call)
+        [answer] = self.finish_many([Finish(item, outcome, processing_seconds, held)])
+        if isinstance(answer, StoreError):
+            raise answer
+        return answer
+
+    def finish_many(self, finishes: Sequence[Finish]) -> list[Finished | StoreError]:
+        """Publish several outcomes in one round trip; per item its Finished, or NotHolder / ItemGone."""
+        now_ms = int(time.time() * 1000)
+        calls = [
+            scripts.finish(
+                f.item,
+                f.outcome,
+                consumer=self.name,
+                now_ms=now_ms,
+                processing_seconds=f.processing_seconds,
+                held=f.held,
+            )
+            for f in finishes
+        ]
+        return self.scripts.run_many(calls, self.redis) if calls else []
 
     def heartbeat(self, services: Iterable[str], ttl: float) -> None:
         """Count this worker as live for each service for the next `ttl` seconds."""
+        self.tick(Tick(list(services)), ttl)
+
+    def tick(self, tick: Tick, ttl: float) -> None:
+        """Liveness (live for `ttl` seconds, or not live now) and what the worker holds, in one round trip."""
         until = time.time() + ttl
         with self.redis.pipeline(transaction=False) as pipe:
-            for service in services:
+            for service in tick.live:
                 pipe.zadd(keys.live_workers(service), {self.name: until})
+            for service in tick.not_live:
+                pipe.zrem(keys.live_workers(service), self.name)
+            for service, held in tick.running.items():
+                if held is None:
+                    pipe.hdel(keys.running(service), self.name)
+                else:
+                    pipe.hset(keys.running(service), self.name, held)
             pipe.execute()
 
     def leave(self, services: Iterable[str]) -> None:
         with self.redis.pipeline(transaction=False) as pipe:
             for service in services:
                 pipe.zrem(keys.live_workers(service), self.name)
+                pipe.hdel(keys.running(service), self.name)
             pipe.execute()
 
     def add_timings(self, counters: Mapping[str, Mapping[str, float]]) -> None:
@@ -122,9 +202,22 @@ class WorkerStore:
         self._forget_removed_results(service)
         self._drop_lapsed_reservations(service)
         self._drop_dead_consumers(service)
+        self._drop_running_of_dead_workers(service)
         now = time.time()
         self.redis.zremrangebyscore(keys.live_workers(service), "-inf", now - DEAD_CONSUMER_SECONDS)
         return True
+
+    def _drop_running_of_dead_workers(self, service: str) -> None:
+        """A killed worker's field in `running` stays behind: drop fields of workers not live now (a live one
+        that holds items writes its field again at its next tick)."""
+        names: list[Any] = self.redis.hkeys(keys.running(service))
+        if not names:
+            return
+        lapse = self.redis.zmscore(keys.live_workers(service), names)
+        now = time.time()
+        dead = [name for name, until in zip(names, lapse, strict=True) if until is None or until < now]
+        if dead:
+            self.redis.hdel(keys.running(service), *dead)
 
     def _forget_removed_results(self, service: str) -> None:
         ids = keys.sink_queue(service).ids

@@ -106,6 +106,12 @@ def live_workers(service: str) -> str:
     return f"{_service(service)}:workers"
 
 
+def running(service: str) -> str:
+    """Hash: worker name -> JSON list of the items it holds now (`index`, `requestId`, `startedAt` ms,
+    `deliveries`), written by the worker's lease keeper once per tick; a worker holding none has no field."""
+    return f"{_service(service)}:running"
+
+
 def replies(service: str, channel: str) -> str:
     """Stream of sync answers for one API process (its reply channel); expires when that process is gone."""
     return f"{_service(service)}:replies:{channel}"
@@ -141,6 +147,7 @@ def service_keys(service: str) -> list[str]:
         *sink_queue(service).all,
         counts(service),
         live_workers(service),
+        running(service),
         rate_limit(service),
         timings(service),
         maintenance_lock(service),

@@ -87,6 +87,7 @@ class Item:
     deliveries: int
     exhausted: bool = False  # delivered queue.max_delivery times already: to be given up, not run
     path: str = ""  # the request's sub-path (POST /api/predict/<service>/<path>), passed to the processor
+    content_type: str = ""  # the put's Content-Type, as the client sent it ("" when it sent none)
     taken_at: float = field(default_factory=time.time)
 
     @property
@@ -94,8 +95,24 @@ class Item:
         return bool(self.reply_channel)
 
     @property
+    def high(self) -> bool:
+        """Whether it came from the priority stream."""
+        return self.stream.endswith(":high")
+
+    @property
     def queue_wait(self) -> float:
         return max(0.0, self.taken_at - self.put_ms / 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class RunningItem:
+    """One item a worker holds now, as its lease keeper last published it (`qs:{s}:running`)."""
+
+    worker: str
+    index: int
+    request_id: str
+    started_at_ms: int
+    deliveries: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,16 @@ from redis.asyncio import Redis
 
 from queue_service.store import keys, scripts
 from queue_service.store.keys import WORKER_GROUP, QueueKeys, QueueName
-from queue_service.store.model import DataFrame, FailureScan, Holding, Position, PutResult, QueueState, Read
+from queue_service.store.model import (
+    DataFrame,
+    FailureScan,
+    Holding,
+    Position,
+    PutResult,
+    QueueState,
+    Read,
+    RunningItem,
+)
 
 # How many items one truncate script removes before the next step (a huge truncate must not block Redis).
 TRUNCATE_STEP = 1000
@@ -69,6 +78,7 @@ class QueueStore:
         reply_channel: str = "",
         request_id: str = "",
         path: str = "",
+        content_type: str = "",
     ) -> PutResult:
         """Append one item; QueueFull when the bound is reached, NoLiveWorker for a sync put without a worker."""
         request_id = request_id or new_request_id()
@@ -83,6 +93,7 @@ class QueueStore:
             max_bytes=max_bytes,
             reply_channel=reply_channel,
             path=path,
+            content_type=content_type,
         )
         return PutResult(await self.scripts.run_async(call), request_id)
 
@@ -304,6 +315,25 @@ class QueueStore:
                 pipe.hgetall(keys.answers(service, minute))
             raw = await pipe.execute()
         return [{_text(field): int(value) for field, value in counts.items()} for counts in raw]
+
+    # --- what the workers hold (published by each worker's lease keeper) ----------------------------
+
+    async def running(self, service: str) -> list[RunningItem]:
+        """The items workers of `service` hold now, as their keepers last published them (≤ 1 s old),
+        oldest first. A field of a worker that died stays until maintenance drops it (≤ 1 min)."""
+        raw = await self.redis.hgetall(keys.running(service))
+        items = [
+            RunningItem(
+                worker=_text(worker),
+                index=int(entry["index"]),
+                request_id=str(entry["requestId"]),
+                started_at_ms=int(entry["startedAt"]),
+                deliveries=int(entry["deliveries"]),
+            )
+            for worker, held in raw.items()
+            for entry in json.loads(held)
+        ]
+        return sorted(items, key=lambda item: (item.started_at_ms, item.index))
 
 
 Entries = list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]

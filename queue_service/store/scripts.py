@@ -16,6 +16,8 @@ from functools import cache
 from importlib import resources
 from typing import Any, Generic, TypeVar
 
+from redis.exceptions import NoScriptError, ResponseError
+
 from queue_service.store import keys
 from queue_service.store.keys import WORKER_GROUP, QueueKeys
 from queue_service.store.model import (
@@ -35,6 +37,7 @@ from queue_service.store.model import (
     QueueFull,
     Read,
     Reply,
+    StoreError,
     Taken,
     TooManyGroups,
 )
@@ -98,6 +101,44 @@ class Scripts:
         """Add the call to a pipeline; `call.decode` then reads its answer among the pipeline's."""
         self._scripts[call.script](keys=call.keys, args=call.args, client=pipeline)
 
+    def run_many(self, calls: Sequence[Call[T]], client: Any) -> list[T | StoreError]:
+        """Several calls in one round trip (sync client); each answer decoded, a StoreError in its place.
+
+        Plain EVALSHAs in one pipeline: redis-py's script registration would send SCRIPT EXISTS first (a
+        second round trip). A script Redis does not know (it restarted) is loaded and its calls sent again:
+        NOSCRIPT means the call did not run.
+        """
+        answers: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            with client.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    call = calls[i]
+                    pipe.execute_command(
+                        "EVALSHA", self._scripts[call.script].sha, len(call.keys), *call.keys, *call.args
+                    )
+                raw = pipe.execute(raise_on_error=False)
+            missing = []
+            for i, answer in zip(todo, raw, strict=True):
+                if isinstance(answer, NoScriptError) and attempt == 0:
+                    missing.append(i)
+                elif isinstance(answer, ResponseError):
+                    raise answer
+                else:
+                    answers[i] = answer
+            if not missing:
+                break
+            for name in {calls[i].script for i in missing}:
+                client.script_load(self._scripts[name].script)
+            todo = missing
+        decoded: list[T | StoreError] = []
+        for call, answer in zip(calls, answers, strict=True):
+            try:
+                decoded.append(call.decode(answer))
+            except StoreError as exc:
+                decoded.append(exc)
+        return decoded
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -141,6 +182,7 @@ def item_from_entry(service: str, taken: Sequence[Any]) -> Item:
         deliveries=int(deliveries),
         exhausted=bool(int(exhausted)),
         path=_text(fields.get("path", b"")),
+        content_type=_text(fields.get("type", b"")),
     )
 
 
@@ -159,6 +201,7 @@ def put(
     max_bytes: int = 0,
     reply_channel: str = "",
     path: str = "",
+    content_type: str = "",
 ) -> Call[int]:
     """Append one item within the queue's bound; QueueFull past it, NoLiveWorker for a sync request without one."""
 
@@ -186,6 +229,7 @@ def put(
             reply_channel,
             now_ms / 1000,
             path,
+            content_type,
         ],
         decode,
     )
@@ -317,14 +361,17 @@ def decode_reply(fields: dict[bytes, bytes]) -> Reply:
     )
 
 
+LEASE_HELD, LEASE_HANDED_OVER, LEASE_GONE = 1, 0, -1
+
+
 def lease(
     stream: str, entry_ids: Sequence[str], *, group: str, consumer: str, release: bool = False
-) -> Call[tuple[int, int]]:
-    """Renew (or release) a hold on entries: (still held, gone)."""
+) -> Call[list[int]]:
+    """Renew (or release) a hold on entries: per entry LEASE_HELD, LEASE_HANDED_OVER (another consumer
+    holds it) or LEASE_GONE (it no longer exists: removed while held)."""
 
-    def decode(raw: Any) -> tuple[int, int]:
-        held, gone = raw
-        return int(held), int(gone)
+    def decode(raw: Any) -> list[int]:
+        return [int(state) for state in raw]
 
     return Call("lease", [stream], [group, consumer, RELEASE_IDLE_MS if release else 0, *entry_ids], decode)
 

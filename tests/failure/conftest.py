@@ -10,7 +10,7 @@ import pytest
 
 from queue_service.embedded_redis import RedisServer
 from queue_service.testing import write_services
-from tests.failure.harness import CHAOS, Stack
+from tests.failure.harness import ASYNC_CHAOS, BATCH_CHAOS, CHAOS, Stack
 
 FLOOD_BOUND = 20
 LEASE_SECONDS = 3  # the lease of `work`
@@ -27,6 +27,18 @@ SERVICES: list[dict[str, Any]] = [
     {"name": "fragile", "processor": CHAOS, "queue": {"lease_seconds": 2, "max_delivery": 2}},
     {"name": "limited", "processor": CHAOS, "queue": {"lease_seconds": 2, "max_processing_seconds": 2}},
     {"name": "tiny-sink", "processor": CHAOS, "queue": {"lease_seconds": 2, "sink": {"max_length": 3}}},
+    {
+        "name": "batched",
+        "processor": BATCH_CHAOS,
+        "queue": {"lease_seconds": 2},
+        "metadata": {"rpc": {"batching": True, "max_batch_size": 4, "max_batch_timeout": 50, "max_queue_size": 100}},
+    },
+    {
+        "name": "parallel",
+        "processor": ASYNC_CHAOS,
+        "queue": {"lease_seconds": 2, "max_processing_seconds": 4},
+        "metadata": {"rpc": {"worker_threads": 4, "max_queue_size": 100}},
+    },
     {
         "name": "flood",
         "processor": CHAOS,

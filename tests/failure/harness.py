@@ -31,6 +31,8 @@ from tests.support.waiting import wait_until
 
 T = TypeVar("T")
 CHAOS = "tests.failure.processors:Chaos"
+ASYNC_CHAOS = "tests.failure.processors:AsyncChaos"
+BATCH_CHAOS = "tests.failure.processors:BatchChaos"
 
 
 @dataclass
@@ -221,6 +223,16 @@ class Stack:
             for run in runs
             if run.ended is None and run.pid in live
         }
+
+    def open_runs(self) -> dict[int, list[str]]:
+        """Live worker pid -> the tokens it is processing now (several for a batch or concurrent requests)."""
+        live = {w.pid for w in self.workers if w.is_running()}
+        found: dict[int, list[str]] = defaultdict(list)
+        for token, runs in self.runs().items():
+            for run in runs:
+                if run.ended is None and run.pid in live:
+                    found[run.pid].append(token)
+        return found
 
     def sink_items(self, service: str) -> list[SinkItem]:
         items = []

@@ -17,6 +17,7 @@ bounded stall: libc's sleep called through ctypes.PyDLL, which keeps the GIL (no
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
 import os
@@ -58,6 +59,44 @@ class Chaos:
             os.write(fd, (line + "\n").encode())
         finally:
             os.close(fd)
+
+
+class AsyncChaos(Chaos):
+    """Chaos as an async processor: one worker process holds `worker_threads` of its requests at once."""
+
+    async def process(self, data: bytes) -> dict[str, Any]:  # type: ignore[override]
+        order = json.loads(data)
+        token = order["token"]
+        if order.get("once") and _first_run(order["once"]):
+            order = {**order, **order.get("first", {})}
+        self._record("start", token)
+        outcome = "raised"
+        try:
+            if order.get("c_hang"):  # blocks the event loop, and the whole process with it (the GIL)
+                sum(range(ENDLESS))
+            await asyncio.sleep(float(order.get("sleep", 0)))
+            outcome = "ok"
+            return {"token": token, "pid": os.getpid()}
+        finally:
+            self._record("end", token, outcome)
+
+
+class BatchChaos(Chaos):
+    """Chaos with batching: one `process_batch` call runs the orders of a batch together, sleeping the
+    longest `sleep` of them; each result also says the size of the batch it ran in."""
+
+    def process_batch(self, data: list[bytes]) -> list[dict[str, Any]]:
+        orders = [json.loads(body) for body in data]
+        for order in orders:
+            self._record("start", order["token"])
+        outcome = "raised"
+        try:
+            time.sleep(max(float(order.get("sleep", 0)) for order in orders))
+            outcome = "ok"
+            return [{"token": order["token"], "pid": os.getpid(), "batch": len(orders)} for order in orders]
+        finally:
+            for order in orders:
+                self._record("end", order["token"], outcome)
 
 
 def _first_run(marker: str) -> bool:

@@ -11,7 +11,7 @@ from tests.failure.harness import Stack, wait_until
 pytestmark = pytest.mark.integration
 
 LIMIT_SECONDS = 2  # queue.max_processing_seconds of `limited`
-WATCHDOG_EXTRA_SECONDS = 10  # workers.worker.WATCHDOG_EXTRA_SECONDS
+WATCHDOG_EXTRA_SECONDS = 10  # workers.watchdog.WATCHDOG_EXTRA_SECONDS
 
 
 def test_processor_running_past_the_limit_ends_with_408_and_the_worker_goes_on(stack: Stack) -> None:

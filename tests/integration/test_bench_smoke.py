@@ -36,3 +36,16 @@ def test_bench_smoke_prints_the_table() -> None:
         "round trips",
     ):
         assert what in out, f"no {what!r} row in:\n{out[-3000:]}"
+
+
+def test_bench_batching_smoke_prints_its_table() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.batching", "--smoke"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    for what in ("batching on", "lone sync request p50", "worker_threads 1", "the upstream called directly"):
+        assert what in done.stdout, f"no {what!r} row in:\n{done.stdout[-3000:]}"

@@ -408,3 +408,51 @@ def test_up_on_an_existing_redis_runs_the_given_workers_per_service(
     assert service.ctrl_c() < 40 and service.process.returncode == 0
     assert not service.left_running(), service.left_running()
     assert redis_server.is_running()  # not ours to stop
+
+
+ASYNC_MODEL = """
+import asyncio
+
+class Waits:
+    async def process(self, data):
+        await asyncio.sleep(0.01)
+        return data
+"""
+
+
+def test_up_starts_one_process_holding_worker_threads_requests_for_an_async_processor(
+    up: Callable[..., Up], services_file: ServicesFileFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "async_model.py").write_text(ASYNC_MODEL)
+    path = services_file(
+        [
+            {"name": "echo", "processor": "workers.examples:Echo", "metadata": {"rpc": {"worker_threads": 3}}},
+            {"name": "waits", "processor": "async_model:Waits", "metadata": {"rpc": {"worker_threads": 8}}},
+        ]
+    )
+    service = up("--services", str(path), workers=None)
+    service.wait_until_ready()
+    log = service.log()
+    # A sync processor: one process per request; an async one: one process holding all 8.
+    assert "echo: 3 workers" in log and "waits: 1 worker" in log
+    workers = [cmd.split() for cmd in descendants(service.process.pid).values() if "rq.cli worker" in cmd]
+    assert sorted(argv[-1] for argv in workers) == ["echo", "echo", "echo", "waits"], workers
+    wait_until(lambda: "waits runs up to 8 requests at once" in service.log(), 10, "the worker saying so")
+    answer = httpx.post(f"{service.url}/api/predict/waits/sync", content=b"hi", timeout=10)
+    assert (answer.status_code, answer.content) == (200, b"hi")
+
+
+def test_batching_for_a_processor_that_takes_no_batches_is_refused_naming_the_key(
+    up: Callable[..., Up], services_file: ServicesFileFactory
+) -> None:
+    path = services_file(
+        [
+            {
+                "name": "echo",
+                "processor": "workers.examples:Echo",
+                "token": TOKEN,
+                "metadata": {"rpc": {"batching": True}},
+            }
+        ]
+    )
+    assert_refused_in_one_line(up("--services", str(path)), "service 'echo'", "metadata.rpc.batching", "process_batch")

@@ -81,8 +81,8 @@ def test_a_bad_value_is_refused_naming_its_key(settings: dict[str, Any], key: st
     assert f"{key}: " in refusal({"services": [echo(**settings)]})
 
 
-def test_a_missing_processor_is_refused() -> None:
-    assert "services.0.processor: Field required" in refusal({"services": [{"name": "echo"}]})
+def test_a_service_without_a_processor_or_an_upstream_is_refused() -> None:
+    assert "services.0: Value error, a service needs `processor`" in refusal({"services": [{"name": "echo"}]})
 
 
 def test_every_problem_is_named_at_once() -> None:

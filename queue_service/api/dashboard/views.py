@@ -34,22 +34,16 @@ def _histogram(counters: Mapping[str, float], name: str) -> dict[str, Any]:
     return {"count": sum(buckets.values()), "sum": counters.get(f"{name}:sum", 0.0), "buckets": buckets}
 
 
-async def _running(app: App, service: str) -> dict[tuple[str, int], dict[str, Any]] | None:
-    """What workers report they are on (`QueueStore.running`, when the store has it): (worker, index) -> entry."""
-    running = getattr(app.store, "running", None)
-    if running is None:
-        return None
-    raw = await running(service)
-    found: dict[tuple[str, int], dict[str, Any]] = {}
-    for worker, entries in dict(raw).items():
-        for entry in entries:
-            fields = entry if isinstance(entry, Mapping) else vars(entry)
-            found[(str(worker), int(fields["index"]))] = dict(fields)
-    return found
+async def _running(app: App, service: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """What workers report they are on (their lease keepers publish it each second): (worker, index) -> entry."""
+    return {
+        (item.worker, item.index): {"startedAt": item.started_at_ms, "deliveries": item.deliveries}
+        for item in await app.store.running(service)
+    }
 
 
-def _holding_view(service: str, held: Holding, running: Mapping[tuple[str, int], Mapping[str, Any]] | None) -> dict:
-    reported = (running or {}).get((held.worker, held.index))
+def _holding_view(service: str, held: Holding, running: Mapping[tuple[str, int], Mapping[str, Any]]) -> dict:
+    reported = running.get((held.worker, held.index))
     view: dict[str, Any] = {
         "service": service,
         "index": held.index,

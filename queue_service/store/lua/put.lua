@@ -3,7 +3,7 @@
 -- refused at once when no worker is live. Sink: at most `max_items` results and `max_bytes` of data.
 -- KEYS: stream (the priority or normal stream), seq, ids, counts, workers (live workers; '' unless sync)
 -- ARGV: kind (input|sink), data, tags_json, rid, ts_ms, priority (1|0), max_items (0: none),
---       max_bytes (0: none), reply_channel (''), now_s, path ('')
+--       max_bytes (0: none), reply_channel (''), now_s, path (''), content_type ('')
 -- Returns the index, or {'full', 'items'|'bytes'}, or {'no-worker'}.
 local kind, data, rid, priority = ARGV[1], ARGV[2], ARGV[4], ARGV[6] == '1'
 local max_items, max_bytes, reply = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
@@ -27,6 +27,10 @@ end
 if ARGV[11] ~= '' then
   fields[#fields + 1] = 'path'
   fields[#fields + 1] = ARGV[11]
+end
+if ARGV[12] ~= '' then
+  fields[#fields + 1] = 'type'
+  fields[#fields + 1] = ARGV[12]
 end
 local index, stored = append_item(KEYS[1], KEYS[2], KEYS[3], rid, fields)
 if not stored then

@@ -18,11 +18,15 @@ from queue_service.preflight import PreflightError, bind_listener, check_process
 from queue_service.supervisor import SupervisionFailed, Supervisor, UpSettings
 
 WORKER_CLASS = "workers.worker.QueueWorker"
+RQ_SETTINGS = "workers.rq_settings"
 
 
-def worker_command(redis_url: str, service: str) -> list[str]:
-    """One worker of one service: it loads only that service's processor."""
-    return [sys.executable, "-m", "rq.cli", "worker", "-w", WORKER_CLASS, "--url", redis_url, service]
+def worker_command(service: str) -> list[str]:
+    """One worker of one service: it loads only that service's processor.
+
+    Redis comes from QS_REDIS_URL (in the workers' environment) for rq's CLI too (`-c workers.rq_settings`):
+    every URL kind works, and its password is on no command line."""
+    return [sys.executable, "-m", "rq.cli", "worker", "-w", WORKER_CLASS, "-c", RQ_SETTINGS, service]
 
 
 def api_command(fd: int) -> list[str]:
@@ -137,7 +141,7 @@ def up(
         # The API holds the socket now; this process must not keep the port once the API is gone.
         listener.close()
         for service in services.services:
-            supervisor.add_workers(service.name, worker_command(redis_url, service.name), counts[service.name])
+            supervisor.add_workers(service.name, worker_command(service.name), counts[service.name])
             count = counts[service.name]
             click.echo(f"{service.name}: {count} worker{'' if count == 1 else 's'}", err=True)
         shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it

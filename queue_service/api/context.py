@@ -11,7 +11,7 @@ from queue_service.api.admission import RateLimiter, WaitLimiter
 from queue_service.api.errors import ApiError
 from queue_service.api.metrics import Metrics
 from queue_service.api.waiters import Waiters
-from queue_service.config import ServiceConfig, ServicesFile, Settings
+from queue_service.config import ServiceConfig, ServicesFile, Settings, durability
 from queue_service.store.queues import NewEntries, QueueStore
 
 
@@ -23,7 +23,7 @@ class App:
         self.services = services
         self.redis = redis
         self.metrics = metrics
-        self.store = QueueStore(redis)
+        self.store = QueueStore(redis, durability(services.services))
         # This process's reply channel: workers write its sync answers to a stream of that name.
         self.channel = uuid.uuid4().hex
         self.waiters = Waiters(self.store, NewEntries(reader), self.channel)

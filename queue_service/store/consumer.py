@@ -15,6 +15,7 @@ from typing import Any
 from redis import Redis
 
 from queue_service.store import keys, scripts
+from queue_service.store.durability import Durability, run_replicated
 from queue_service.store.keys import WORKER_GROUP
 from queue_service.store.model import CANCELLED, HANDED_OVER, HELD, Finished, Item, LeaseState, Outcome, Taken
 
@@ -38,10 +39,12 @@ class TakeRules:
 class WorkerStore:
     """One worker's view of the queues of its services."""
 
-    def __init__(self, redis: Redis, name: str) -> None:
+    def __init__(self, redis: Redis, name: str, durability: Durability | None = None) -> None:
         self.redis = redis
         self.name = name
         self.scripts = scripts.Scripts(redis)
+        # Services whose results a replica must confirm (NotReplicated, a connection error: the finish is retried).
+        self.durability = dict(durability or {})
 
     def take(self, service: str, rules: TakeRules, *, want: int = 1, claim: bool = False) -> Taken:
         """Up to `want` items; `claim` also takes items whose lease lapsed (asked periodically, not per take)."""
@@ -88,6 +91,9 @@ class WorkerStore:
             processing_seconds=processing_seconds,
             held=held,
         )
+        rule = self.durability.get(item.service)
+        if rule is not None:
+            return run_replicated(self.scripts, self.redis, call, rule)
         return self.scripts.run(call)
 
     def heartbeat(self, services: Iterable[str], ttl: float) -> None:

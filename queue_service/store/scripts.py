@@ -92,6 +92,10 @@ class Scripts:
         """Add the call to a pipeline; `call.decode` then reads its answer among the pipeline's."""
         self._scripts[call.script](keys=call.keys, args=call.args, client=pipeline)
 
+    async def queue_async(self, call: Call[Any], pipeline: Any) -> None:
+        """The same for an asyncio pipeline (redis-py's asyncio script call is a coroutine even there)."""
+        await self._scripts[call.script](keys=call.keys, args=call.args, client=pipeline)
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

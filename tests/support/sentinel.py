@@ -1,4 +1,4 @@
-"""A Redis Sentinel setup for tests: one primary, one replica, three Sentinels, all on free ports of 127.0.0.1.
+"""A Redis Sentinel setup for tests: one primary, one replica (or more), three Sentinels, on free ports of 127.0.0.1.
 
 The servers are the same redis-server binary the embedded default runs (`find_redis_server`), the Sentinels
 that binary with `--sentinel`. It stops only the processes it started. The failover is fast (the primary is
@@ -25,8 +25,11 @@ READY_SECONDS = 60.0
 class SentinelSetup:
     """Primary, replica and three Sentinels; `url` is the `redis+sentinel://` URL that names the primary."""
 
-    def __init__(self, base_dir: Path, *, sentinels: int = 3, down_after_ms: int = DOWN_AFTER_MS) -> None:
+    def __init__(
+        self, base_dir: Path, *, replicas: int = 1, sentinels: int = 3, down_after_ms: int = DOWN_AFTER_MS
+    ) -> None:
         self.base_dir = base_dir
+        self.replica_count = replicas
         self.down_after_ms = down_after_ms
         self.sentinel_count = sentinels
         self.servers: list[RedisServer] = []  # primary first, at the start
@@ -41,11 +44,14 @@ class SentinelSetup:
         try:
             primary = RedisServer(data_dir=self.base_dir / "node-0").start()
             self.servers.append(primary)
-            replica = RedisServer(
-                data_dir=self.base_dir / "node-1", extra_args=["--replicaof", "127.0.0.1", str(primary.port)]
-            ).start()
-            self.servers.append(replica)
-            self._wait(lambda: self._linked(replica), "the replica in sync with the primary")
+            for number in range(1, self.replica_count + 1):
+                replica = RedisServer(
+                    data_dir=self.base_dir / f"node-{number}",
+                    extra_args=["--replicaof", "127.0.0.1", str(primary.port)],
+                ).start()
+                self.servers.append(replica)
+            for replica in self.servers[1:]:
+                self._wait(lambda r=replica: self._linked(r), "the replicas in sync with the primary")
             for number in range(self.sentinel_count):
                 config = [
                     f"sentinel monitor {MASTER} 127.0.0.1 {primary.port} {QUORUM}",
@@ -95,7 +101,10 @@ class SentinelSetup:
                 return False
             finally:
                 client.close()
-            if int(state["num-slaves"]) < 1 or int(state["num-other-sentinels"]) < self.sentinel_count - 1:
+            if (
+                int(state["num-slaves"]) < self.replica_count
+                or int(state["num-other-sentinels"]) < self.sentinel_count - 1
+            ):
                 return False
         return True
 
@@ -147,9 +156,12 @@ class SentinelSetup:
         return self.primary()
 
     def rejoin(self, old: RedisServer, timeout: float = READY_SECONDS) -> None:
-        """Start a killed server again (empty: no AOF) and wait until the Sentinels made it the new primary's
-        replica, in sync: what a supervisor restarting the pod does. Only after the failover: an empty server
-        back before the Sentinels saw it down would be a primary with nothing in it."""
+        """Start a killed server again as a replica of the new primary and wait until it is in sync: what an
+        operator or a pod's start script does (ask a Sentinel for the primary, start with --replicaof it).
+        Left to itself, a Sentinel converts a returning old primary only 8 s after it sees it (its wait for
+        newer configurations), and an empty old primary back before the failover would lose everything."""
+        new = self.primary()
+        old.extra_args = ["--replicaof", "127.0.0.1", str(new.port)]  # the only extra argument a node has
         old.restart()
         self._wait(lambda: self._linked(old), "the old primary back as a replica in sync", timeout)
 

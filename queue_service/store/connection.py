@@ -209,14 +209,21 @@ def _sync_sentinel(target: RedisTarget, **kwargs: Any) -> redis.Redis:
     return sentinel.master_for(target.master, db=target.db, **target.login, **_tls(target), **kwargs)
 
 
+# redis-py's cluster client rebuilds its slot table from scratch at every 5th MOVED by closing every node's
+# connections, those other tasks are using too: a command in flight then fails (`'NoneType' object has no
+# attribute 'writelines'`, seen here while a slot moved under load: a 500). With 0 each MOVED updates the one
+# slot it names; a connection error still makes the client reload the whole table.
+_CLUSTER_OPTIONS: dict[str, Any] = {"reinitialize_steps": 0}
+
+
 def _async_cluster(target: RedisTarget, **kwargs: Any) -> redis.asyncio.RedisCluster:
     nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in target.nodes]
-    return redis.asyncio.RedisCluster(startup_nodes=nodes, **target.login, **_tls(target), **kwargs)
+    return redis.asyncio.RedisCluster(startup_nodes=nodes, **_CLUSTER_OPTIONS, **target.login, **_tls(target), **kwargs)
 
 
 def _sync_cluster(target: RedisTarget, **kwargs: Any) -> redis.RedisCluster:
     nodes = [redis.cluster.ClusterNode(host, port) for host, port in target.nodes]
-    return redis.RedisCluster(startup_nodes=nodes, **target.login, **_tls(target), **kwargs)
+    return redis.RedisCluster(startup_nodes=nodes, **_CLUSTER_OPTIONS, **target.login, **_tls(target), **kwargs)
 
 
 def api_client(url: str, pool_size: int = API_POOL_SIZE) -> Any:

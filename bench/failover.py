@@ -131,7 +131,9 @@ def main() -> None:
     parser.add_argument("--payload", type=int, default=100, help="bytes per item (default 100)")
     args = parser.parse_args()
     modes = [("primary", 1), ("replicated", 1), ("replicated", 2)]
+    load = Path("/proc/loadavg").read_text().split()[0]
     print(f"{args.rounds} failover(s) per mode, {args.clients} clients putting {args.payload}-byte items, no workers")
+    print(f"(load average {load} at the start)")
     header = (
         f"{'durability':<11} {'replicas':>8} {'puts/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'promoted s':>10} "
         f"{'first put s':>11} {'accepted':>9} {'lost':>5}"

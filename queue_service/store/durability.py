@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import redis
+import redis.asyncio
+
 from queue_service.store.model import NotReplicated
 from queue_service.store.scripts import Call, Scripts
 
@@ -27,6 +30,16 @@ class Replicated:
 
 # Service name -> its rule; services not named are acknowledged once the primary has the write.
 Durability = Mapping[str, Replicated]
+
+
+def refuse_on_a_cluster(client: Any, durability: Durability) -> None:
+    """A cluster client sends WAIT to every primary, not on the connection that wrote: `replicated` cannot be
+    kept there yet, so a services file that asks for it on a cluster is refused at start, not silently weak."""
+    if durability and isinstance(client, (redis.asyncio.RedisCluster, redis.RedisCluster)):
+        raise ValueError(
+            f"queue.durability: replicated ({', '.join(sorted(durability))}) is not supported on a Redis Cluster "
+            "yet; use it with a Sentinel-watched primary"
+        )
 
 
 def _checked(acknowledged: Any, rule: Replicated) -> None:

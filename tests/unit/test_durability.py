@@ -15,6 +15,7 @@ from queue_service.config import Settings, durability, parse_services
 from queue_service.embedded_redis import RedisServer
 from queue_service.store import keys
 from queue_service.store.consumer import WorkerStore
+from queue_service.store.durability import refuse_on_a_cluster
 from queue_service.store.model import NotReplicated, Outcome
 from workers.worker import take_rules
 
@@ -136,3 +137,11 @@ def test_a_replicated_result_without_a_replica_is_not_acknowledged(fresh_redis_u
             worker.finish(item, Outcome(body=b"done"))
     finally:
         client.close()
+
+
+async def test_replicated_durability_on_a_cluster_is_refused_at_start() -> None:
+    cluster = redis.asyncio.RedisCluster(host="127.0.0.1", port=1)
+    with pytest.raises(ValueError, match="not supported on a Redis Cluster"):
+        refuse_on_a_cluster(cluster, durability(SERVICES.services))
+    refuse_on_a_cluster(cluster, {})  # a cluster without replicated services is fine
+    await cluster.aclose()

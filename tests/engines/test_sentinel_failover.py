@@ -9,6 +9,9 @@ ends in at most one. A take lost with the primary may run a request again: resul
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -157,3 +160,19 @@ def test_primary_killed_under_load_api_and_workers_follow_the_new_primary_and_no
 def _live_workers(stack: Stack) -> int:
     answer = httpx.get(f"{stack.url}/api/predict/work", params={"_attrs_": "true"}, timeout=10)
     return int(answer.json()["workers.live"]) if answer.status_code == 200 else 0
+
+
+def test_rq_info_lists_the_workers_through_the_sentinel_url(sentinel_stack: tuple[SentinelSetup, Stack]) -> None:
+    setup, stack = sentinel_stack
+    worker = stack.start_worker("work")
+    # rq's --url cannot read a Sentinel URL; `-c workers.rq_settings` gives rq's CLI the same QS_REDIS_URL.
+    info = subprocess.run(
+        [sys.executable, "-m", "rq.cli", "info", "-c", "workers.rq_settings"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "QS_REDIS_URL": setup.url},
+    )
+    assert info.returncode == 0, info.stderr
+    assert worker.name in info.stdout and "1 workers" in info.stdout, info.stdout

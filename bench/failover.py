@@ -96,23 +96,26 @@ def _one_round(base: Path, durability: str, replicas: int, clients: int, payload
                 finally:
                     http.close()
 
-            threads = [threading.Thread(target=client) for _ in range(clients)]
+            # Daemon threads, stopped in `finally`: a round that fails must not leave clients spinning.
+            threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
             for thread in threads:
                 thread.start()
-            time.sleep(LOAD_BEFORE_KILL_SECONDS)
-            old = setup.kill_primary()
-            result.killed_at = time.monotonic()
-            setup.wait_failover(old, timeout=GIVE_UP_SECONDS)
-            result.promoted_after = time.monotonic() - result.killed_at
-            if durability == "replicated" and replicas == 1:
-                setup.rejoin(old, timeout=GIVE_UP_SECONDS)
-            deadline = result.killed_at + GIVE_UP_SECONDS
-            while time.monotonic() < deadline and result.first_accepted_after != result.first_accepted_after:
-                time.sleep(0.05)  # NaN until the first put after the kill is accepted
-            time.sleep(LOAD_AFTER_RECOVERY_SECONDS)
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=60)
+            try:
+                time.sleep(LOAD_BEFORE_KILL_SECONDS)
+                old = setup.kill_primary()
+                result.killed_at = time.monotonic()
+                setup.wait_failover(old, timeout=GIVE_UP_SECONDS)
+                result.promoted_after = time.monotonic() - result.killed_at
+                if durability == "replicated" and replicas == 1:
+                    setup.rejoin(old, timeout=GIVE_UP_SECONDS)
+                deadline = result.killed_at + GIVE_UP_SECONDS
+                while time.monotonic() < deadline and result.first_accepted_after != result.first_accepted_after:
+                    time.sleep(0.05)  # NaN until the first put after the kill is accepted
+                time.sleep(LOAD_AFTER_RECOVERY_SECONDS)
+            finally:
+                stop.set()
+                for thread in threads:
+                    thread.join(timeout=60)
             store = connection.sync_client(setup.url, 10)
             try:
                 stored = {rid.decode() for rid in store.hkeys(keys.input_queue(SERVICE).ids)}

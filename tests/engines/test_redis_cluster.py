@@ -118,7 +118,8 @@ def test_a_slot_moving_under_api_load_answers_no_500_and_loses_nothing(cluster: 
                         with lock:
                             wrong.append(f"read {answer.status_code} {answer.text[:200]}")
 
-    threads = [threading.Thread(target=putter) for _ in range(PUTTERS)] + [threading.Thread(target=reader)]
+    threads = [threading.Thread(target=putter, daemon=True) for _ in range(PUTTERS)]
+    threads.append(threading.Thread(target=reader, daemon=True))
     for thread in threads:
         thread.start()
     slot = cluster.slot_of(service)

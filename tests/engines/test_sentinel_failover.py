@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from queue_service.preflight import check_redis
 from queue_service.testing import write_services
 from tests.failure.harness import CHAOS, Put, Stack, wait_until
 from tests.support.sentinel import SentinelSetup
@@ -93,8 +94,8 @@ class Load:
                 self.wrong.append(f"{what}: {answer.status_code} {answer.text[:200]}")
 
     def run(self, putters: int = 3, syncers: int = 1) -> list[threading.Thread]:
-        threads = [threading.Thread(target=self.putter) for _ in range(putters)]
-        threads += [threading.Thread(target=self.syncer) for _ in range(syncers)]
+        threads = [threading.Thread(target=self.putter, daemon=True) for _ in range(putters)]
+        threads += [threading.Thread(target=self.syncer, daemon=True) for _ in range(syncers)]
         for thread in threads:
             thread.start()
         return threads
@@ -121,20 +122,22 @@ def test_primary_killed_under_load_api_and_workers_follow_the_new_primary_and_no
     wait_until(lambda: _live_workers(stack) == 2, 30, "both workers counted live")
     load = Load(stack)
     threads = load.run()
-    time.sleep(LOAD_BEFORE_KILL_SECONDS)
-    before = len(load.accepted_at)
-    old = setup.kill_primary()
-    killed_at = time.monotonic()
-    new = setup.wait_failover(old, timeout=FAILOVER_BOUND_SECONDS)
-    promoted_after = time.monotonic() - killed_at
-    setup.rejoin(old, timeout=FAILOVER_BOUND_SECONDS)  # a replica again: replicated writes can be confirmed
-    deadline = killed_at + FAILOVER_BOUND_SECONDS + LOAD_AFTER_RECOVERY_SECONDS
-    while time.monotonic() < deadline and not [t for t in load.accepted_at if t > killed_at + promoted_after]:
-        time.sleep(0.1)
-    time.sleep(LOAD_AFTER_RECOVERY_SECONDS)
-    load.stop.set()
-    for thread in threads:
-        thread.join(timeout=60)
+    try:
+        time.sleep(LOAD_BEFORE_KILL_SECONDS)
+        before = len(load.accepted_at)
+        old = setup.kill_primary()
+        killed_at = time.monotonic()
+        new = setup.wait_failover(old, timeout=FAILOVER_BOUND_SECONDS)
+        promoted_after = time.monotonic() - killed_at
+        setup.rejoin(old, timeout=FAILOVER_BOUND_SECONDS)  # a replica again: replicated writes can be confirmed
+        deadline = killed_at + FAILOVER_BOUND_SECONDS + LOAD_AFTER_RECOVERY_SECONDS
+        while time.monotonic() < deadline and not [t for t in load.accepted_at if t > killed_at + promoted_after]:
+            time.sleep(0.1)
+        time.sleep(LOAD_AFTER_RECOVERY_SECONDS)
+    finally:  # a failed step must not leave the clients running
+        load.stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
     first_after = min((t for t in load.accepted_at if t > killed_at), default=None)
     last_503 = max((t for t in load.unavailable if t > killed_at), default=killed_at)
     print(
@@ -162,8 +165,9 @@ def _live_workers(stack: Stack) -> int:
     return int(answer.json()["workers.live"]) if answer.status_code == 200 else 0
 
 
-def test_rq_info_lists_the_workers_through_the_sentinel_url(sentinel_stack: tuple[SentinelSetup, Stack]) -> None:
+def test_up_preflight_and_rq_info_read_the_sentinel_url(sentinel_stack: tuple[SentinelSetup, Stack]) -> None:
     setup, stack = sentinel_stack
+    check_redis(setup.url)  # `up --redis-url redis+sentinel://...` finds the primary before it starts anything
     worker = stack.start_worker("work")
     # rq's --url cannot read a Sentinel URL; `-c workers.rq_settings` gives rq's CLI the same QS_REDIS_URL.
     info = subprocess.run(

@@ -127,12 +127,66 @@ def _one_round(base: Path, durability: str, replicas: int, clients: int, payload
     return result
 
 
+def _latency_side_by_side(base: Path, clients: int, payload: bytes, seconds: float = 8.0) -> dict[str, list[float]]:
+    """Put latency of a `primary` and a `replicated` service in one run, each client alternating between them:
+    the cost of WAIT measured at the same moment, on the same machine load."""
+    services = write_services(
+        base / "services.yaml",
+        [
+            {
+                "name": name,
+                "processor": "workers.examples:Echo",
+                "metadata": {"rpc": {"max_queue_size": 10**7}},
+                "queue": {"durability": name},
+            }
+            for name in ("primary", "replicated")
+        ],
+    )
+    latencies: dict[str, list[float]] = {"primary": [], "replicated": []}
+    lock = threading.Lock()
+    with SentinelSetup(base / "sentinel") as setup:
+        api, url = start_api(setup.url, services, log_dir=base / "logs")
+        deadline = time.monotonic() + seconds
+
+        def client() -> None:
+            http = Http(url)
+            try:
+                while time.monotonic() < deadline:
+                    for name in latencies:
+                        sent = time.perf_counter()
+                        status, _, _ = http.request("POST", f"/api/predict/{name}", payload)
+                        if status == 200:
+                            with lock:
+                                latencies[name].append(time.perf_counter() - sent)
+            finally:
+                http.close()
+
+        try:
+            threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=seconds + 60)
+        finally:
+            api.stop()
+    return latencies
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="failovers per mode (default 3)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent putting clients (default 8)")
     parser.add_argument("--payload", type=int, default=100, help="bytes per item (default 100)")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="qs-failover-") as base:
+        side = _latency_side_by_side(Path(base), args.clients, b"x" * args.payload)
+    print("put latency, both services in one run, each client alternating (one replica):")
+    for name, values in side.items():
+        values.sort()
+        print(
+            f"  durability {name:<10} p50 {values[len(values) // 2] * 1000:.2f} ms  "
+            f"p99 {values[int(len(values) * 0.99)] * 1000:.2f} ms  ({len(values)} puts)"
+        )
     modes = [("primary", 1), ("replicated", 1), ("replicated", 2)]
     load = Path("/proc/loadavg").read_text().split()[0]
     print(f"{args.rounds} failover(s) per mode, {args.clients} clients putting {args.payload}-byte items, no workers")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -18,15 +20,22 @@ from queue_service.preflight import PreflightError, bind_listener, check_process
 from queue_service.supervisor import SupervisionFailed, Supervisor, UpSettings
 
 WORKER_CLASS = "workers.worker.QueueWorker"
+RQ_SETTINGS = "workers.rq_settings"
+# prometheus_client's multiprocess mode (api/metrics.py reads it; not imported here: the CLI starts light).
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def worker_command(redis_url: str, service: str) -> list[str]:
-    """One worker of one service: it loads only that service's processor."""
-    return [sys.executable, "-m", "rq.cli", "worker", "-w", WORKER_CLASS, "--url", redis_url, service]
+def worker_command(service: str) -> list[str]:
+    """One worker of one service: it loads only that service's processor.
+
+    Redis comes from QS_REDIS_URL (in the workers' environment) for rq's CLI too (`-c workers.rq_settings`):
+    every URL kind works, and its password is on no command line."""
+    return [sys.executable, "-m", "rq.cli", "worker", "-w", WORKER_CLASS, "-c", RQ_SETTINGS, service]
 
 
-def api_command(fd: int) -> list[str]:
-    """The API on a socket `up` has bound already (see preflight.bind_listener)."""
+def api_command(fd: int, processes: int = 1) -> list[str]:
+    """The API on a socket `up` has bound already (see preflight.bind_listener); `processes` > 1 runs that many
+    uvicorn workers on it (uvicorn's own supervisor restarts one that dies)."""
     return [
         sys.executable,
         "-m",
@@ -36,6 +45,7 @@ def api_command(fd: int) -> list[str]:
         "--fd",
         str(fd),
         "--no-access-log",
+        *(["--workers", str(processes)] if processes > 1 else []),
     ]
 
 
@@ -72,6 +82,14 @@ for command in (put, get, watch, attrs, health):
     help="rq worker processes per service. Default: metadata.rpc.worker_threads of them, or one holding that "
     "many requests for an async processor, an upstream or a thread-safe one.",
 )
+@click.option(
+    "--api-workers",
+    "api_processes",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1, max=64),
+    help="API processes (uvicorn workers) sharing the port; /metrics sums their counters.",
+)
 def up(
     services_file: Path | None,
     redis_url: str | None,
@@ -79,6 +97,7 @@ def up(
     host: str,
     port: int,
     worker_count: int | None,
+    api_processes: int,
 ) -> None:
     """Run the service on this machine: Redis (embedded unless --redis-url), the API and workers.
 
@@ -120,6 +139,12 @@ def up(
         redis_url = redis_server.url
         click.echo(f"redis-server (embedded) on {redis_url}", err=True)
     env["QS_REDIS_URL"] = redis_url
+    metrics_dir: Path | None = None
+    if api_processes > 1 and not env.get(MULTIPROC_DIR_ENV):
+        # Each API process writes its counters here; a scrape of any one sums them all (api/metrics.py).
+        # A new, empty one per run: counters left by an earlier run would be counted again.
+        metrics_dir = Path(tempfile.mkdtemp(prefix="qs-metrics-"))
+        env[MULTIPROC_DIR_ENV] = str(metrics_dir)
 
     stopping = False
 
@@ -133,15 +158,16 @@ def up(
     supervisor = Supervisor(env, settings, say=lambda line: click.echo(line, err=True))
     failure: SupervisionFailed | None = None
     try:
-        supervisor.start_api(api_command(listener.fileno()), pass_fds=[listener.fileno()])
+        supervisor.start_api(api_command(listener.fileno(), api_processes), pass_fds=[listener.fileno()])
         # The API holds the socket now; this process must not keep the port once the API is gone.
         listener.close()
         for service in services.services:
-            supervisor.add_workers(service.name, worker_command(redis_url, service.name), counts[service.name])
+            supervisor.add_workers(service.name, worker_command(service.name), counts[service.name])
             count = counts[service.name]
             click.echo(f"{service.name}: {count} worker{'' if count == 1 else 's'}", err=True)
         shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
-        click.echo(f"API on http://{shown_host}:{port}; Ctrl-C stops everything", err=True)
+        processes = f" ({api_processes} processes)" if api_processes > 1 else ""
+        click.echo(f"API on http://{shown_host}:{port}{processes}; Ctrl-C stops everything", err=True)
         supervisor.run(lambda: stopping)
     except SupervisionFailed as exc:
         failure = exc
@@ -149,6 +175,8 @@ def up(
         supervisor.stop_all(redis_server=redis_server)
         if redis_server is not None:
             redis_server.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     if failure is not None:
         raise click.ClickException(str(failure))
 

@@ -7,14 +7,17 @@ A bad services file is refused before anything runs, with a message that names t
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from queue_service.store.durability import Replicated
 
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -60,6 +63,11 @@ class QueueSettings(_Strict):
     max_processing_seconds: Annotated[float, Field(ge=0)] = 0
     # Ours: client consumer groups per queue (watches); past it, the group unseen longest is replaced.
     max_groups: Annotated[int, Field(gt=0, le=1024)] = 32
+    # Ours: "primary" acknowledges a put (and a worker's result) once the primary has it; "replicated" only
+    # once a replica confirmed it too (WAIT 1), so a failover cannot lose it. Waits at most
+    # replication_timeout_ms, then 503 (the put) or a retry (the result). Needs a replica (Sentinel).
+    durability: Literal["primary", "replicated"] = "primary"
+    replication_timeout_ms: Annotated[int, Field(gt=0, le=60_000)] = 1000
     sink: SinkSettings = SinkSettings()
 
 
@@ -166,6 +174,15 @@ class ServicesFile(_Strict):
     @cached_property
     def by_name(self) -> dict[str, ServiceConfig]:
         return {service.name: service for service in self.services}
+
+
+def durability(services: Iterable[ServiceConfig]) -> dict[str, Replicated]:
+    """The store's replication rule of each service with `queue.durability: replicated`."""
+    return {
+        service.name: Replicated(1, service.queue.replication_timeout_ms)
+        for service in services
+        if service.queue.durability == "replicated"
+    }
 
 
 class ConfigError(Exception):

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from types import TracebackType
@@ -94,10 +95,18 @@ class RedisServer:
         data_dir: str | Path | None = None,
         appendonly: bool = False,
         executable: str | None = None,
+        extra_args: Sequence[str] = (),
+        config: Sequence[str] = (),
+        sentinel: bool = False,
     ) -> None:
+        """`extra_args` go after ours on the command line (`--replicaof`, `--cluster-enabled`); `config`
+        lines make a config file of its own (a Sentinel needs one it can rewrite); `sentinel` runs a Sentinel."""
         self.port = port
         self.appendonly = appendonly
         self.executable = executable
+        self.extra_args = list(extra_args)
+        self.config = list(config)
+        self.sentinel = sentinel
         self._port_given = port is not None
         self._dir_given = data_dir is not None
         self.data_dir: Path | None = Path(data_dir) if data_dir is not None else None
@@ -136,8 +145,14 @@ class RedisServer:
 
     def _spawn(self, executable: str) -> None:
         assert self.data_dir is not None and self.port is not None
-        argv = [
-            executable,
+        argv = [executable]
+        if self.config or self.sentinel:
+            # Written once: a Sentinel rewrites its file with what it learnt, which a restart keeps.
+            config_file = self.data_dir / ("sentinel.conf" if self.sentinel else "redis.conf")
+            if not config_file.exists():
+                config_file.write_text("".join(f"{line}\n" for line in self.config))
+            argv += [str(config_file), *(["--sentinel"] if self.sentinel else [])]
+        argv += [
             "--bind", "127.0.0.1",
             "--port", str(self.port),
             "--dir", str(self.data_dir),
@@ -147,6 +162,7 @@ class RedisServer:
             "--daemonize", "no",
             "--protected-mode", "yes",
             "--logfile", str(self.data_dir / "redis.log"),
+            *self.extra_args,
         ]  # fmt: skip
         # Errors found before the log file is opened (bad arguments) go to stderr: keep them too.
         with open(self.data_dir / "redis.out", "ab") as out:

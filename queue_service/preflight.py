@@ -17,9 +17,12 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
+import redis.exceptions
+
+from queue_service.store import connection
+from queue_service.store.connection import redacted
 
 if TYPE_CHECKING:  # the child loads processors only: no pydantic import for it
     from queue_service.config import ServiceConfig
@@ -67,32 +70,22 @@ def bind_listener(host: str, port: int) -> socket.socket:
 # --- Redis ---------------------------------------------------------------------------------
 
 
-def redacted(url: str) -> str:
-    """The URL without its password, fit for a message."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
-    except ValueError:
-        return url
-
-
 def check_redis(url: str, timeout: float = REDIS_TIMEOUT_SECONDS) -> None:
-    """One PING with a short timeout: a wrong --redis-url fails here, not in every worker forever."""
+    """One PING with a short timeout: a wrong --redis-url fails here, not in every worker forever.
+
+    Any URL kind `store/connection.py` reads: a Sentinel URL must find its primary, a cluster URL its slots."""
+    client = None
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
-    except ValueError as exc:
-        raise PreflightError(f"cannot reach Redis at {redacted(url)}: {exc}") from None
-    try:
+        client = connection.sync_client(url, timeout)
         client.ping()
-    except redis.RedisError as exc:
+    except connection.BadRedisUrl as exc:
+        raise PreflightError(f"cannot use --redis-url: {exc}") from None
+    except (redis.RedisError, redis.exceptions.RedisClusterException, ValueError) as exc:
         reason = str(exc) or type(exc).__name__
         raise PreflightError(f"cannot reach Redis at {redacted(url)}: {reason}") from None
     finally:
-        client.close()
+        if client is not None:
+            client.close()
 
 
 # --- the processors ------------------------------------------------------------------------

@@ -27,10 +27,11 @@ from rq.worker import Worker
 from rq.worker_registration import REDIS_WORKER_KEYS
 
 from queue_service.embedded_redis import free_port
-from queue_service.store import keys
+from queue_service.store import connection, keys
 
 API_APP = "queue_service.api:create_app"
 WORKER_CLASS = "workers.worker.QueueWorker"
+RQ_SETTINGS = "workers.rq_settings"
 STOP_GRACE_SECONDS = 5.0
 # How long a start may take before it counts as failed: ~0.5 s on a quiet machine, 10 s and more seen
 # with the suite in parallel beside CPU hogs. Only a broken start waits this long.
@@ -224,9 +225,11 @@ def spawn_worker(
 ) -> ManagedProcess:
     """Run `rq worker -w worker_class` for `services` (rq's queue names for a plain rq worker). Not waited for."""
     name = name or f"qs-test-worker-{uuid.uuid4().hex[:8]}"
+    # rq's --url reads only single-server URLs; for the others rq's CLI reads QS_REDIS_URL too (workers.rq_settings).
+    where = ["--url", redis_url] if connection.parse_url(redis_url).kind == "server" else ["-c", RQ_SETTINGS]
     argv = [
         sys.executable, "-m", "rq.cli", "worker",
-        "-w", worker_class, "--url", redis_url, "--name", name, *services,
+        "-w", worker_class, *where, "--name", name, *services,
     ]  # fmt: skip
     return ManagedProcess(argv, name=name, env=_product_env(redis_url, services_file, env), log_dir=log_dir)
 
@@ -238,7 +241,7 @@ def wait_listening(
     the API for each service of `live_in`."""
     # RQ's registry of live workers holds each worker's key, built from its name.
     worker_key = Worker.redis_worker_namespace_prefix + process.name
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
+    client = connection.sync_client(redis_url, 1)
 
     def listening() -> bool:
         # Registered is not enough: rq registers the worker before it installs its SIGTERM handler,

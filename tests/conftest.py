@@ -22,8 +22,10 @@ TESTS_DIR = Path(__file__).resolve().parent
 #   hostile: tests/hostile/, 1,000+ connections each: beside each other they would measure the machine;
 #   status_codes, http_queue: modules whose tests share one stack (and, for status codes, run in order);
 #   language_model: tests/unit/test_examples.py, whose model is loaded once per process.
+#   engines: tests/engines/ (Sentinel failovers, a Redis Cluster, several API processes): each runs many
+#     processes under load and measures a failover or a slot move, so one at a time, beside the rest.
 # Directories whose tests all join a group, whatever their module says:
-GROUPED_DIRECTORIES = {"hostile": "hostile"}
+GROUPED_DIRECTORIES = {"hostile": "hostile", "engines": "engines"}
 # Lines a test prints with its measured numbers; the summary repeats them, since xdist hides `-s` output.
 MEASURED_PREFIXES = ("RELIABILITY ", "TIMING ")
 GROUP_LOST = pytest.StashKey[str]()

@@ -38,7 +38,7 @@ from rq.timeouts import UnixSignalDeathPenalty
 from rq.utils import now as rq_now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from queue_service.config import ConfigError, ServiceConfig, Settings
+from queue_service.config import ConfigError, ServiceConfig, Settings, durability
 from queue_service.store import connection
 from queue_service.store.connection import REDIS_DOWN
 from queue_service.store.consumer import TakeRules, WorkerStore
@@ -130,7 +130,7 @@ class QueueWorker(SimpleWorker):
             except ProcessorLoadError as exc:
                 _fail_start(f"service {service.name!r}: {exc}")
         self.processors = {name: plan.processor for name, plan in self.plans.items()}
-        self.store = WorkerStore(self.connection, self.name)
+        self.store = WorkerStore(self.connection, self.name, durability(self.services))
         self.timings = TimingCounts()
         self._stop_asked_at: float | None = None
         self._cold_stop = False

@@ -32,7 +32,7 @@ from queue_service.config import ServicesFile, Settings
 from queue_service.logs import configure_logging
 from queue_service.protocol import QUEUE_FULL, REQUEST_ID_HEADER, TOO_MANY_REQUESTS
 from queue_service.store import connection
-from queue_service.store.model import NoLiveWorker, QueueFull, TooManyGroups
+from queue_service.store.model import NoLiveWorker, NotReplicated, QueueFull, TooManyGroups
 
 log = logging.getLogger("queue_service.api")
 
@@ -68,6 +68,20 @@ async def on_no_worker(request: Request, exc: Exception) -> Response:
 
 async def on_too_many_groups(request: Request, exc: Exception) -> Response:
     return error_response(TOO_MANY_REQUESTS, str(exc), {"Retry-After": "15"})
+
+
+async def on_not_replicated(request: Request, exc: Exception) -> Response:
+    # Stored on the primary, unconfirmed by a replica: not acknowledged (a failover could lose it).
+    log.warning("write not confirmed by a replica: %s", exc)
+    return error_response(
+        503, f"not confirmed by a replica (queue.durability: replicated): {exc}; retry later", {"Retry-After": "1"}
+    )
+
+
+async def on_cluster_busy(request: Request, exc: Exception) -> Response:
+    # A slot moving (TRYAGAIN past the client's retries) or a shard failing over (CLUSTERDOWN): transient.
+    log.warning("redis cluster busy: %s", exc)
+    return error_response(503, "queue storage (Redis Cluster) is reconfiguring; retry later", {"Retry-After": "1"})
 
 
 async def on_redis_down(request: Request, exc: Exception) -> Response:
@@ -151,6 +165,9 @@ def create_app(
     app.add_exception_handler(TooManyGroups, on_too_many_groups)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(NotReplicated, on_not_replicated)
+    app.add_exception_handler(redis.exceptions.TryAgainError, on_cluster_busy)
+    app.add_exception_handler(redis.exceptions.ClusterDownError, on_cluster_busy)
     app.add_exception_handler(redis.exceptions.ConnectionError, on_redis_down)
     app.add_exception_handler(redis.exceptions.TimeoutError, on_redis_down)
     app.add_exception_handler(Exception, on_internal_error)

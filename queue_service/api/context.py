@@ -11,7 +11,8 @@ from queue_service.api.admission import RateLimiter, WaitLimiter
 from queue_service.api.errors import ApiError
 from queue_service.api.metrics import Metrics
 from queue_service.api.waiters import Waiters
-from queue_service.config import ServiceConfig, ServicesFile, Settings
+from queue_service.config import ServiceConfig, ServicesFile, Settings, durability
+from queue_service.store.durability import refuse_on_a_cluster
 from queue_service.store.queues import NewEntries, QueueStore
 
 
@@ -23,7 +24,9 @@ class App:
         self.services = services
         self.redis = redis
         self.metrics = metrics
-        self.store = QueueStore(redis)
+        replicated = durability(services.services)
+        refuse_on_a_cluster(redis, replicated)
+        self.store = QueueStore(redis, replicated)
         # This process's reply channel: workers write its sync answers to a stream of that name.
         self.channel = uuid.uuid4().hex
         self.waiters = Waiters(self.store, NewEntries(reader), self.channel)

@@ -1,16 +1,24 @@
 """Prometheus metrics: what this API process counts, plus queue state read from Redis at scrape time.
 
-Request counts and latencies are per API process (Prometheus sums them across processes).
-Queue gauges and the worker-side histograms (queue wait, processing, total) are cluster-wide:
-they are read from Redis, where every worker records its timings (`consumer.finish`).
+Request counts and latencies are per API process. Several processes of one API (`up --api-workers N`, uvicorn
+workers sharing a port, so a scrape reaches any one of them) count in prometheus_client's multiprocess mode:
+with `PROMETHEUS_MULTIPROC_DIR` set, each process writes its counters to a file there, and a scrape of any
+process sums every process's files. Replicas on separate hosts are scraped one by one and summed by
+Prometheus (`sum by (service, operation, status)`), as usual.
+Queue gauges and the worker-side histograms (queue wait, processing, total) are cluster-wide: they are read
+from Redis at each scrape, where every worker records its timings (`consumer.finish`), so any process
+answers the same and they are never summed across processes.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from queue_service.config import ServicesFile
 from queue_service.store import keys
@@ -18,52 +26,64 @@ from queue_service.store.queues import QueueStore
 from queue_service.timings import HISTOGRAMS, bucket_bounds
 
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Queue state per service, from Redis: metric name (after `queue_service_`) -> help.
+GAUGES = {
+    "waiting_items": "Input items waiting for a worker",
+    "in_flight_items": "Input items held by workers",
+    "oldest_waiting_age_seconds": "Age of the oldest item in the input queue",
+    "live_workers": "Workers with a recent heartbeat",
+    "sink_items": "Results waiting in the sink",
+    "sink_bytes": "Bytes of result data waiting in the sink",
+    "backlog_per_worker": "Waiting items per live worker (all of them when none): the scaling signal",
+}
+
+
+def multiprocess() -> bool:
+    """Whether this process counts in prometheus_client's multiprocess mode (read when prometheus_client loads)."""
+    return bool(os.environ.get(MULTIPROC_DIR_ENV))
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # In multiprocess mode these write to this process's files; a scrape reads every process's files.
+        counted_in = None if multiprocess() else self.registry
         self.requests = Counter(
             "queue_service_requests",
             "HTTP requests by service, operation and final status code (450, 429, 408, 499 included)",
             ["service", "operation", "status"],
-            registry=self.registry,
+            registry=counted_in,
         )
         self.request_seconds = Histogram(
             "queue_service_request_duration_seconds",
             "HTTP request duration by service and operation (sync: queue wait + processing)",
             ["service", "operation"],
             buckets=REQUEST_BUCKETS,
-            registry=self.registry,
+            registry=counted_in,
         )
-        self.waiting = self._service_gauge("waiting_items", "Input items waiting for a worker")
-        self.in_flight = self._service_gauge("in_flight_items", "Input items held by workers")
-        self.oldest_age = self._service_gauge("oldest_waiting_age_seconds", "Age of the oldest item in the input queue")
-        self.live_workers = self._service_gauge("live_workers", "Workers with a recent heartbeat")
-        self.sink_items = self._service_gauge("sink_items", "Results waiting in the sink")
-        self.sink_bytes = self._service_gauge("sink_bytes", "Bytes of result data waiting in the sink")
-        self.backlog_per_worker = self._service_gauge(
-            "backlog_per_worker", "Waiting items per live worker (all of them when none): the scaling signal"
-        )
-        self._histograms: list[HistogramMetricFamily] = []
-        self.registry.register(self)  # collect() below adds the Redis-backed histograms
-
-    def _service_gauge(self, name: str, help_: str) -> Gauge:
-        return Gauge(f"queue_service_{name}", help_, ["service"], registry=self.registry)
+        if multiprocess():
+            MultiProcessCollector(self.registry)
+        self._from_redis: list[Metric] = []
+        self.registry.register(self)  # collect() below adds what the last refresh read from Redis
 
     def observe_request(self, service: str, operation: str, status: int, seconds: float) -> None:
         self.requests.labels(service, operation, str(status)).inc()
         self.request_seconds.labels(service, operation).observe(seconds)
 
-    def collect(self):  # type: ignore[no-untyped-def]
-        yield from self._histograms
+    def collect(self) -> Iterator[Metric]:
+        yield from self._from_redis
 
-    def describe(self):  # type: ignore[no-untyped-def]
+    def describe(self) -> list[Metric]:
         return []
 
     async def refresh(self, store: QueueStore, services: ServicesFile) -> None:
         """Read the queue state of every service from Redis (called per scrape)."""
         now = time.time()
+        gauges = {
+            name: GaugeMetricFamily(f"queue_service_{name}", help_, labels=["service"])
+            for name, help_ in GAUGES.items()
+        }
         histograms = {
             name: HistogramMetricFamily(f"queue_service_{name}_seconds", help_, labels=["service"])
             for name, help_ in HISTOGRAMS.items()
@@ -73,13 +93,17 @@ class Metrics:
             inputs = await store.state(keys.input_queue(name))
             sink = await store.state(keys.sink_queue(name))
             decoded = await store.timings(name)
-            self.waiting.labels(name).set(inputs.waiting)
-            self.in_flight.labels(name).set(inputs.in_flight)
-            self.oldest_age.labels(name).set(max(0.0, now - inputs.oldest_put) if inputs.oldest_put else 0)
-            self.live_workers.labels(name).set(inputs.live_workers)
-            self.sink_items.labels(name).set(sink.length)
-            self.sink_bytes.labels(name).set(sink.bytes)
-            self.backlog_per_worker.labels(name).set(inputs.backlog_per_worker)
+            values = {
+                "waiting_items": inputs.waiting,
+                "in_flight_items": inputs.in_flight,
+                "oldest_waiting_age_seconds": max(0.0, now - inputs.oldest_put) if inputs.oldest_put else 0,
+                "live_workers": inputs.live_workers,
+                "sink_items": sink.length,
+                "sink_bytes": sink.bytes,
+                "backlog_per_worker": inputs.backlog_per_worker,
+            }
+            for gauge_name, value in values.items():
+                gauges[gauge_name].add_metric([name], value)
             for hist_name, family in histograms.items():
                 cumulative, buckets = 0.0, []
                 for bound in bucket_bounds():
@@ -88,7 +112,7 @@ class Metrics:
                 cumulative += decoded.get(f"{hist_name}:+Inf", 0.0)
                 buckets.append(("+Inf", cumulative))
                 family.add_metric([name], buckets, decoded.get(f"{hist_name}:sum", 0.0))
-        self._histograms = list(histograms.values())
+        self._from_redis = [*gauges.values(), *histograms.values()]
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,18 +1,32 @@
 """Building Redis clients: the one place that turns a URL into the API's asyncio clients and a worker's client.
 
-Both sides get the same policy: a dropped connection is reconnected and the command retried a few times
+A URL names one server (`redis://`, `rediss://` for TLS, `unix://`), a Sentinel-watched primary
+(`redis+sentinel://host:port[,host:port...]/<master>/<db>`) or a Redis Cluster
+(`redis+cluster://host:port[,host:port...]`); `rediss+sentinel` and `rediss+cluster` are the same over TLS.
+`user:password@` before the hosts is the data nodes' login; a Sentinel's own login, if it has one, is
+`?sentinel_username=&sentinel_password=`. A client on a Sentinel asks it for the primary on every new
+connection, so after a failover it reconnects to the new primary by itself; a cluster client follows the
+slots (MOVED, ASK) by itself.
+
+Every kind gets the same policy: a dropped connection is reconnected and the command retried a few times
 with backoff, but a command that timed out is never resent (every script is idempotent per request id
-anyway, so a resend after a lost answer stores nothing twice). Longer outages (Redis restarting) are the
-caller's to ride out: `outage_retry` is the one policy for that.
+anyway, so a resend after a lost answer stores nothing twice). Longer outages (Redis restarting, a failover)
+are the caller's to ride out: `outage_retry` is the one policy for that.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.asyncio.sentinel
+import redis.cluster
+import redis.sentinel
 import tenacity
 from redis.backoff import ExponentialBackoff
 
@@ -27,6 +41,120 @@ COMMAND_TIMEOUT_SECONDS = 7.0
 # blocking connection per service (`blocking_client`).
 API_POOL_SIZE = 64
 API_POOL_WAIT_SECONDS = 5.0
+# A Sentinel answers "where is the primary" in microseconds; one that does not within this is skipped.
+SENTINEL_TIMEOUT_SECONDS = 1.0
+
+Kind = Literal["server", "sentinel", "cluster"]
+_SCHEMES: dict[str, tuple[Kind, bool]] = {
+    "redis": ("server", False),
+    "rediss": ("server", True),
+    "unix": ("server", False),
+    "redis+sentinel": ("sentinel", False),
+    "rediss+sentinel": ("sentinel", True),
+    "redis+cluster": ("cluster", False),
+    "rediss+cluster": ("cluster", True),
+}
+# Query parameters of the Sentinel and cluster URLs (a single server's URL is redis-py's own, all of its).
+_TLS_OPTIONS = {"ssl_ca_certs", "ssl_cert_reqs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"}
+_SENTINEL_OPTIONS = {"sentinel_username", "sentinel_password"}
+_SECRET_OPTIONS = {"password", "sentinel_password"}
+
+
+class BadRedisUrl(ValueError):
+    """A URL that names no Redis we can use; the message says why (never with its password)."""
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """What a URL names: one server (its URL, for redis-py), a Sentinel's primary, or a cluster."""
+
+    kind: Kind
+    url: str = field(default="", repr=False)
+    nodes: tuple[tuple[str, int], ...] = ()
+    master: str = ""
+    db: int = 0
+    tls: bool = False
+    # Kept out of repr(): a target in a log line or a traceback must not show a password.
+    login: dict[str, Any] = field(default_factory=dict, repr=False)  # username, password of the data nodes
+    sentinel_login: dict[str, Any] = field(default_factory=dict, repr=False)
+    tls_options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_url(url: str) -> RedisTarget:
+    """Read a Redis URL (see the module's docstring); BadRedisUrl names what is wrong."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in _SCHEMES:
+        raise BadRedisUrl(f"{redacted(url)}: the scheme must be one of {', '.join(s + '://' for s in _SCHEMES)}")
+    kind, tls = _SCHEMES[scheme]
+    if kind == "server":
+        return RedisTarget("server", url=url, tls=tls)  # redis-py reads it (and refuses what it cannot read)
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    login: dict[str, Any] = {}
+    if userinfo:
+        user, _, password = userinfo.partition(":")
+        login = {"username": unquote(user) or None, "password": unquote(password) or None}
+    nodes = tuple(_node(each, url) for each in hosts.split(",") if each)
+    if not nodes:
+        raise BadRedisUrl(f"{redacted(url)}: no host:port given")
+    query = dict(parse_qsl(parts.query))
+    allowed = _TLS_OPTIONS | (_SENTINEL_OPTIONS if kind == "sentinel" else set())
+    unknown = sorted(set(query) - allowed)
+    if unknown:
+        raise BadRedisUrl(
+            f"{redacted(url)}: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(allowed))})"
+        )
+    tls_options: dict[str, Any] = {k: v for k, v in query.items() if k in _TLS_OPTIONS}
+    if "ssl_check_hostname" in tls_options:
+        tls_options["ssl_check_hostname"] = tls_options["ssl_check_hostname"].lower() in ("1", "true", "yes")
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    if kind == "cluster":
+        if path and path != ["0"]:
+            raise BadRedisUrl(f"{redacted(url)}: a cluster has only database 0 (no path after the hosts)")
+        return RedisTarget("cluster", nodes=nodes, tls=tls, login=login, tls_options=tls_options)
+    if not path or len(path) > 2:
+        raise BadRedisUrl(f"{redacted(url)}: a Sentinel URL ends in /<master name>[/<db>]")
+    try:
+        db = int(path[1]) if len(path) == 2 else 0
+    except ValueError:
+        raise BadRedisUrl(f"{redacted(url)}: the database must be a number, not {path[1]!r}") from None
+    sentinel_login = {
+        "username": query.get("sentinel_username") or None,
+        "password": query.get("sentinel_password") or None,
+    }
+    return RedisTarget(
+        "sentinel",
+        nodes=nodes,
+        master=path[0],
+        db=db,
+        tls=tls,
+        login=login,
+        sentinel_login={k: v for k, v in sentinel_login.items() if v},
+        tls_options=tls_options,
+    )
+
+
+def _node(text: str, url: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise BadRedisUrl(f"{redacted(url)}: {text!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def redacted(url: str) -> str:
+    """The URL without its passwords (the login's and any `password` option), fit for a message or a log."""
+    head, question, query = url.partition("?")
+    scheme, sep, rest = head.partition("://")
+    if sep:
+        netloc, slash, path = rest.partition("/")
+        userinfo, at, hosts = netloc.rpartition("@")
+        if at and ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        head = f"{scheme}://{userinfo}{at}{hosts}{slash}{path}"
+    if question:
+        shown = [(k, "***" if k in _SECRET_OPTIONS else v) for k, v in parse_qsl(query, keep_blank_values=True)]
+        query = urlencode(shown, safe="*")
+    return f"{head}{question}{query}"
 
 
 def _retry() -> redis.asyncio.retry.Retry:
@@ -47,26 +175,111 @@ def _common(socket_timeout: float | None) -> dict[str, Any]:
     }
 
 
-def api_client(url: str, pool_size: int = API_POOL_SIZE) -> redis.asyncio.Redis:
-    """The API's client for short commands: a bounded pool; under a burst, callers wait for a connection."""
+def _tls(target: RedisTarget) -> dict[str, Any]:
+    return {"ssl": True, **target.tls_options} if target.tls else {}
+
+
+class _BlockingSentinelPool(redis.asyncio.sentinel.SentinelConnectionPool, redis.asyncio.BlockingConnectionPool):
+    """A Sentinel's pool that makes a caller wait for a free connection (as the API's pool does), not fail."""
+
+
+def _async_sentinel(target: RedisTarget, **kwargs: Any) -> redis.asyncio.Redis:
+    sentinel = redis.asyncio.sentinel.Sentinel(
+        list(target.nodes),
+        sentinel_kwargs={
+            "socket_connect_timeout": SENTINEL_TIMEOUT_SECONDS,
+            "socket_timeout": SENTINEL_TIMEOUT_SECONDS,
+            **target.sentinel_login,
+            **_tls(target),
+        },
+    )
+    return sentinel.master_for(target.master, db=target.db, **target.login, **_tls(target), **kwargs)
+
+
+def _sync_sentinel(target: RedisTarget, **kwargs: Any) -> redis.Redis:
+    sentinel = redis.sentinel.Sentinel(
+        list(target.nodes),
+        sentinel_kwargs={
+            "socket_connect_timeout": SENTINEL_TIMEOUT_SECONDS,
+            "socket_timeout": SENTINEL_TIMEOUT_SECONDS,
+            **target.sentinel_login,
+            **_tls(target),
+        },
+    )
+    return sentinel.master_for(target.master, db=target.db, **target.login, **_tls(target), **kwargs)
+
+
+# redis-py's cluster client rebuilds its slot table from scratch at every 5th MOVED by closing every node's
+# connections, those other tasks are using too: a command in flight then fails (`'NoneType' object has no
+# attribute 'writelines'`, seen here while a slot moved under load: a 500). With 0 each MOVED updates the one
+# slot it names; a connection error still makes the client reload the whole table.
+_CLUSTER_OPTIONS: dict[str, Any] = {"reinitialize_steps": 0}
+
+
+def _async_cluster(target: RedisTarget, **kwargs: Any) -> redis.asyncio.RedisCluster:
+    nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in target.nodes]
+    return redis.asyncio.RedisCluster(startup_nodes=nodes, **_CLUSTER_OPTIONS, **target.login, **_tls(target), **kwargs)
+
+
+def _sync_cluster(target: RedisTarget, **kwargs: Any) -> redis.RedisCluster:
+    nodes = [redis.cluster.ClusterNode(host, port) for host, port in target.nodes]
+    return redis.RedisCluster(startup_nodes=nodes, **_CLUSTER_OPTIONS, **target.login, **_tls(target), **kwargs)
+
+
+def api_client(url: str, pool_size: int = API_POOL_SIZE) -> Any:
+    """The API's client for short commands: a bounded pool; under a burst, callers wait for a connection.
+
+    On a cluster the bound is per node, and a command past it fails (503) instead of waiting: redis-py's
+    cluster client has no waiting pool."""
+    target = parse_url(url)
+    common = _common(COMMAND_TIMEOUT_SECONDS)
+    if target.kind == "sentinel":
+        return _async_sentinel(
+            target,
+            connection_pool_class=_BlockingSentinelPool,
+            max_connections=pool_size,
+            timeout=API_POOL_WAIT_SECONDS,
+            retry=_retry(),
+            **common,
+        )
+    if target.kind == "cluster":
+        return _async_cluster(target, max_connections=pool_size, retry=_retry(), **common)
     pool = redis.asyncio.BlockingConnectionPool.from_url(
-        url,
-        max_connections=pool_size,
-        timeout=API_POOL_WAIT_SECONDS,
-        retry=_retry(),
-        **_common(COMMAND_TIMEOUT_SECONDS),
+        url, max_connections=pool_size, timeout=API_POOL_WAIT_SECONDS, retry=_retry(), **common
     )
     return redis.asyncio.Redis(connection_pool=pool)
 
 
-def blocking_client(url: str, block_seconds: float) -> redis.asyncio.Redis:
+def blocking_client(url: str, block_seconds: float) -> Any:
     """A client for one long-lived blocking reader (XREAD BLOCK): its read timeout is above the block."""
-    return redis.asyncio.Redis.from_url(url, retry=_retry(), **_common(block_seconds + COMMAND_TIMEOUT_SECONDS))
+    target = parse_url(url)
+    common = _common(block_seconds + COMMAND_TIMEOUT_SECONDS)
+    if target.kind == "sentinel":
+        return _async_sentinel(target, retry=_retry(), **common)
+    if target.kind == "cluster":
+        return _async_cluster(target, retry=_retry(), **common)
+    return redis.asyncio.Redis.from_url(url, retry=_retry(), **common)
 
 
-def worker_client(url: str) -> redis.Redis:
+def worker_client(url: str) -> Any:
     """A worker's client (rq's bookkeeping and ours share it). Blocking waits are short (a second)."""
-    return redis.Redis.from_url(url, retry=_sync_retry(), **_common(COMMAND_TIMEOUT_SECONDS))
+    return sync_client(url, COMMAND_TIMEOUT_SECONDS, retry=_sync_retry(), **_common(COMMAND_TIMEOUT_SECONDS))
+
+
+def sync_client(url: str, timeout: float, **kwargs: Any) -> Any:
+    """A plain synchronous client of any URL kind, with `timeout` for connecting and for each command (checks,
+    tools, tests). A cluster client connects here, at once, to learn the slots; the others on first use."""
+    target = parse_url(url)
+    options: dict[str, Any] = {
+        "socket_connect_timeout": min(timeout, CONNECT_TIMEOUT_SECONDS),
+        "socket_timeout": timeout,
+    }
+    options.update(kwargs)
+    if target.kind == "sentinel":
+        return _sync_sentinel(target, **options)
+    if target.kind == "cluster":
+        return _sync_cluster(target, **options)
+    return redis.Redis.from_url(url, **options)
 
 
 def worker_client_like(client: redis.Redis) -> redis.Redis:

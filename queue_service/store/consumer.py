@@ -15,6 +15,7 @@ from typing import Any
 from redis import Redis
 
 from queue_service.store import keys, scripts
+from queue_service.store.durability import Durability
 from queue_service.store.keys import WORKER_GROUP
 from queue_service.store.model import (
     CANCELLED,
@@ -75,10 +76,12 @@ _LEASE_STATES: dict[int, LeaseState] = {
 class WorkerStore:
     """One worker's view of the queues of its services."""
 
-    def __init__(self, redis: Redis, name: str) -> None:
+    def __init__(self, redis: Redis, name: str, durability: Durability | None = None) -> None:
         self.redis = redis
         self.name = name
         self.scripts = scripts.Scripts(redis)
+        # Services whose results a replica must confirm: their finishes end with a WAIT (see Scripts.run_many).
+        self.durability = dict(durability or {})
 
     def take(self, service: str, rules: TakeRules, *, want: int = 1, claim: bool = False) -> Taken:
         """Up to `want` items; `claim` also takes items whose lease lapsed (asked periodically, not per take)."""
@@ -156,7 +159,9 @@ class WorkerStore:
             )
             for f in finishes
         ]
-        return self.scripts.run_many(calls, self.redis) if calls else []
+        rules = [rule for f in finishes if (rule := self.durability.get(f.item.service)) is not None]
+        wait = (max(r.replicas for r in rules), max(r.timeout_ms for r in rules)) if rules else None
+        return self.scripts.run_many(calls, self.redis, wait=wait) if calls else []
 
     def heartbeat(self, services: Iterable[str], ttl: float) -> None:
         """Count this worker as live for each service for the next `ttl` seconds."""

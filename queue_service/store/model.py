@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+import redis.exceptions
+
 TEXT_PLAIN = "text/plain; charset=utf-8"
 OCTET_STREAM = "application/octet-stream"
 
@@ -45,6 +47,17 @@ class ItemGone(NotHolder):
 
 class TooManyGroups(StoreError):
     """A new consumer group would exceed the queue's bound, and every group has live consumers."""
+
+
+class NotReplicated(redis.exceptions.ConnectionError):
+    """A write of a service with `queue.durability: replicated` that no replica confirmed in time (WAIT).
+
+    The write is on the primary and may still reach a replica, or be lost in a failover: the API answers 503
+    (the client may retry). A connection error, so that every caller's handling
+    of a Redis outage (503, the worker's outage retry) applies as it is."""
+
+    def __init__(self, acknowledged: int, wanted: int, timeout_ms: int) -> None:
+        super().__init__(f"{acknowledged} of {wanted} replica(s) confirmed the write within {timeout_ms} ms")
 
 
 @dataclass(slots=True)

@@ -16,6 +16,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from queue_service.store import keys, scripts
+from queue_service.store.durability import Durability, run_replicated_async
 from queue_service.store.keys import WORKER_GROUP, QueueKeys, QueueName
 from queue_service.store.model import (
     DataFrame,
@@ -62,9 +63,11 @@ class RequestState:
 class QueueStore:
     """The queues of every service, over one asyncio Redis client."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, durability: Durability | None = None) -> None:
         self.redis = redis
         self.scripts = scripts.Scripts(redis)
+        # Services whose puts a replica must confirm before they are acknowledged (NotReplicated if not).
+        self.durability = dict(durability or {})
 
     async def put(
         self,
@@ -95,6 +98,9 @@ class QueueStore:
             path=path,
             content_type=content_type,
         )
+        rule = self.durability.get(qk.service)
+        if rule is not None:
+            return PutResult(await run_replicated_async(self.scripts, self.redis, call, rule), request_id)
         return PutResult(await self.scripts.run_async(call), request_id)
 
     async def read(

@@ -10,6 +10,7 @@ redis-py sends EVALSHA and falls back to EVAL, so a restarted Redis needs no rel
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -43,6 +44,7 @@ from queue_service.store.model import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("queue_service.store")
 Arg = str | int | float | bytes
 NAMES = (
     "put",
@@ -101,12 +103,16 @@ class Scripts:
         """Add the call to a pipeline; `call.decode` then reads its answer among the pipeline's."""
         self._scripts[call.script](keys=call.keys, args=call.args, client=pipeline)
 
-    def run_many(self, calls: Sequence[Call[T]], client: Any) -> list[T | StoreError]:
+    def run_many(
+        self, calls: Sequence[Call[T]], client: Any, *, wait: tuple[int, int] | None = None
+    ) -> list[T | StoreError]:
         """Several calls in one round trip (sync client); each answer decoded, a StoreError in its place.
 
         Plain EVALSHAs in one pipeline: redis-py's script registration would send SCRIPT EXISTS first (a
         second round trip). A script Redis does not know (it restarted) is loaded and its calls sent again:
-        NOSCRIPT means the call did not run.
+        NOSCRIPT means the call did not run. `wait` = (replicas, timeout ms) ends the pipeline with a WAIT
+        (`queue.durability: replicated`): the same connection, so it covers these writes. A WAIT that times out
+        is logged, not raised: the writes are on the primary, and running them again would publish twice.
         """
         answers: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
@@ -117,7 +123,19 @@ class Scripts:
                     pipe.execute_command(
                         "EVALSHA", self._scripts[call.script].sha, len(call.keys), *call.keys, *call.args
                     )
+                if wait is not None:
+                    pipe.wait(*wait)
                 raw = pipe.execute(raise_on_error=False)
+            if wait is not None:
+                acknowledged = raw.pop()
+                if isinstance(acknowledged, int) and acknowledged < wait[0]:
+                    log.warning(
+                        "%d of %d replica(s) confirmed %d result(s) within %d ms: they are on the primary only",
+                        acknowledged,
+                        wait[0],
+                        len(todo),
+                        wait[1],
+                    )
             missing = []
             for i, answer in zip(todo, raw, strict=True):
                 if isinstance(answer, NoScriptError) and attempt == 0:
@@ -138,6 +156,10 @@ class Scripts:
             except StoreError as exc:
                 decoded.append(exc)
         return decoded
+
+    async def queue_async(self, call: Call[Any], pipeline: Any) -> None:
+        """The same for an asyncio pipeline (redis-py's asyncio script call is a coroutine even there)."""
+        await self._scripts[call.script](keys=call.keys, args=call.args, client=pipeline)
 
 
 def _text(value: Any) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from queue_service.config import ServicesFile
 from queue_service.store import keys
@@ -46,6 +46,7 @@ class Metrics:
             "backlog_per_worker", "Waiting items per live worker (all of them when none): the scaling signal"
         )
         self._histograms: list[HistogramMetricFamily] = []
+        self._webhooks: list[GaugeMetricFamily | CounterMetricFamily] = []
         self.registry.register(self)  # collect() below adds the Redis-backed histograms
 
     def _service_gauge(self, name: str, help_: str) -> Gauge:
@@ -57,6 +58,7 @@ class Metrics:
 
     def collect(self):  # type: ignore[no-untyped-def]
         yield from self._histograms
+        yield from self._webhooks
 
     def describe(self):  # type: ignore[no-untyped-def]
         return []
@@ -89,6 +91,35 @@ class Metrics:
                 buckets.append(("+Inf", cumulative))
                 family.add_metric([name], buckets, decoded.get(f"{hist_name}:sum", 0.0))
         self._histograms = list(histograms.values())
+        self._webhooks = await _webhook_families(store, services)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+async def _webhook_families(store: QueueStore, services: ServicesFile) -> list[GaugeMetricFamily | CounterMetricFamily]:
+    """Webhook deliveries per service (queued, scheduled, dead letters) and attempts by outcome, cluster-wide."""
+    deliveries = GaugeMetricFamily(
+        "queue_service_webhook_deliveries",
+        "Webhook deliveries: queued (not yet taken), scheduled (in flight or retrying), dead (dead letters)",
+        labels=["service", "state"],
+    )
+    attempts = CounterMetricFamily(
+        "queue_service_webhook_attempts",
+        "Webhook attempts by outcome: delivered, failed, gone (410), dead (last attempt failed)",
+        labels=["service", "outcome"],
+    )
+    for service in services.services:
+        if service.webhook is None:
+            continue
+        counts = await store.webhook_counts(service.name)
+        for state, value in (("queued", counts.queued), ("scheduled", counts.scheduled), ("dead", counts.dead)):
+            deliveries.add_metric([service.name, state], value)
+        for outcome, total in (
+            ("delivered", counts.delivered),
+            ("failed", counts.failed),
+            ("gone", counts.gone),
+            ("dead", counts.dead_total),
+        ):
+            attempts.add_metric([service.name, outcome], total)
+    return [deliveries, attempts]

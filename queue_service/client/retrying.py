@@ -28,7 +28,9 @@ class RetryPolicy:
         return cls(max_attempts=1)
 
     def _wait(self) -> tenacity.wait.wait_base:
-        backoff = tenacity.wait_exponential_jitter(initial=self.initial_seconds, max=self.max_wait_seconds)
+        backoff = tenacity.wait_exponential(
+            multiplier=self.initial_seconds, max=self.max_wait_seconds
+        ) + tenacity.wait_random(0, self.initial_seconds)
 
         def wait(state: tenacity.RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None

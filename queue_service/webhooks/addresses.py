@@ -35,11 +35,11 @@ def why_refused(address: Address) -> str | None:
     if address in METADATA_ADDRESSES:
         return "a cloud metadata address"
     for test, what in (
+        (address.is_unspecified, "unspecified"),
         (address.is_loopback, "loopback"),
         (address.is_link_local, "link-local"),
         (address.is_private, "private"),
         (address.is_multicast, "multicast"),
-        (address.is_unspecified, "unspecified"),
         (address.is_reserved, "reserved"),
     ):
         if test:

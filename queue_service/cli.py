@@ -18,6 +18,7 @@ from queue_service.config import ConfigError, ServiceConfig, ServicesFile, load_
 from queue_service.embedded_redis import RedisServer, RedisServerError, RedisServerNotFound
 from queue_service.preflight import PreflightError, bind_listener, check_processors, check_redis
 from queue_service.supervisor import SupervisionFailed, Supervisor, UpSettings
+from queue_service.webhooks.commands import webhooks
 
 WORKER_CLASS = "workers.worker.QueueWorker"
 RQ_SETTINGS = "workers.rq_settings"
@@ -57,6 +58,12 @@ def main() -> None:
 # The commands for people and scripts (HTTP clients of the API) live in their own module.
 for command in (put, get, watch, attrs, health):
     main.add_command(command)
+main.add_command(webhooks)
+
+
+def dispatcher_command() -> list[str]:
+    """The webhook dispatcher (`queue-service webhooks`); its settings come from the environment `up` sets."""
+    return [sys.executable, "-m", "queue_service.cli", "webhooks"]
 
 
 @main.command()
@@ -165,6 +172,10 @@ def up(
             supervisor.add_workers(service.name, worker_command(service.name), counts[service.name])
             count = counts[service.name]
             click.echo(f"{service.name}: {count} worker{'' if count == 1 else 's'}", err=True)
+        if any(service.webhook is not None for service in services.services):
+            # Supervised like a worker: restarted when it exits, given up on when it cannot start.
+            supervisor.add_workers("webhooks", dispatcher_command(), 1)
+            click.echo("webhooks: 1 dispatcher", err=True)
         shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
         processes = f" ({api_processes} processes)" if api_processes > 1 else ""
         click.echo(f"API on http://{shown_host}:{port}{processes}; Ctrl-C stops everything", err=True)

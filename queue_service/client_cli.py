@@ -11,16 +11,15 @@ import json
 import shlex
 import sys
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import IO, Any, NoReturn
-from urllib.parse import quote, urlencode
+from typing import IO, Any, NoReturn, TypeVar
 
 import click
 import httpx
 
-from queue_service.protocol import GID_HEADER, LAST_CODE_HEADER, REQUEST_ID_HEADER, UID_HEADER
+from queue_service.client import Client, NotFound, RequestFailed, Result, RetryPolicy, Unreachable, calls
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_REFUSED = 1  # the server said no: an error status, a processor's error result, not ready
@@ -44,8 +43,6 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 PROGRESS_POLL_SECONDS = 0.5
 # Without a terminal nobody watches progress: fewer, longer polls.
 QUIET_POLL_SECONDS = 5.0
-# How long the API may take beyond a long poll's own wait before the call counts as failed.
-ANSWER_MARGIN_SECONDS = 10.0
 
 
 class CliError(click.ClickException):
@@ -56,89 +53,58 @@ class CliError(click.ClickException):
         self.exit_code = exit_code  # type: ignore[misc]  # click reads it per exception; its ClassVar is a default
 
 
-# --- the API over HTTP -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Result:
-    """A result item of the sink: the processor's body and status (`lastCode`, 200 when absent)."""
-
-    body: bytes
-    status: int
-    request_id: str
+# --- the API over HTTP: the Python client, its failures as CLI errors ------------------------
 
 
 class Api:
-    """The queue API of one deployment; every failure becomes a CliError with its exit code."""
+    """The queue API of one deployment (`queue_service.client`); every failure becomes a CliError with its
+    exit code. No retries: a script sees a full queue (450) at once and decides itself."""
 
     def __init__(self, url: str, token: str | None) -> None:
         self.url = url.rstrip("/")
-        headers = {"Authorization": token} if token else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=ANSWER_MARGIN_SECONDS)
+        self.token = token
+        self._clients: dict[str, Client] = {}
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: dict[str, str] | None = None,
-        content: bytes | None = None,
-        wait: float = 0.0,
-        accept: tuple[int, ...] = (),
-    ) -> httpx.Response:
-        """One call; a status of 400 or more is a refusal unless listed in `accept`."""
-        timeout = httpx.Timeout(ANSWER_MARGIN_SECONDS, read=wait + ANSWER_MARGIN_SECONDS)
+    def client(self, service: str) -> Client:
+        if service not in self._clients:
+            self._clients[service] = Client(self.url, service, token=self.token, retry=RetryPolicy.never())
+        return self._clients[service]
+
+    def call(self, work: Callable[[], T]) -> T:
         try:
-            response = self.http.request(method, path, params=params, content=content, timeout=timeout)
-        except httpx.TransportError as exc:
-            reason = str(exc) or type(exc).__name__
-            raise CliError(f"cannot connect to {self.url}: {reason}", EXIT_NO_CONNECTION) from None
-        if response.status_code >= 400 and response.status_code not in accept:
-            raise CliError(f"{method} {path}: {response.status_code} {_detail(response)}", EXIT_REFUSED)
-        return response
+            return work()
+        except Unreachable as exc:
+            raise CliError(str(exc), EXIT_NO_CONNECTION) from None
+        except RequestFailed as exc:
+            raise CliError(f"{exc.status} {exc.detail}", EXIT_REFUSED) from None
 
     def put(self, service: str, body: bytes, tags: dict[str, str], priority: bool) -> tuple[int, str]:
-        params = dict(tags)
-        if priority:
-            params["_priority_"] = "1"
-        response = self.request("POST", queue_path(service), params=params, content=body)
-        return int(response.text), response.headers.get(REQUEST_ID_HEADER, "")
+        submitted = self.call(lambda: self.client(service).put(body, tags=tags, priority=priority))
+        return submitted.index, submitted.request_id
 
     def result(self, service: str, request_id: str, wait: float, keep: bool) -> Result | None:
         """The result of `request_id`, waiting up to `wait` seconds for it; None when not there yet."""
-        params = {
-            "requestId": request_id,
-            "_raw_": "true",
-            "_timeout_": f"{round(wait * 1000)}ms",
-            "_auto_delete_": "false" if keep else "true",
-        }
-        response = self.request("GET", queue_path(service, sink=True), params=params, wait=wait)
-        if response.status_code == 204:
-            return None
-        status = int(response.headers.get(LAST_CODE_HEADER) or 200)
-        return Result(response.content, status, response.headers.get(REQUEST_ID_HEADER, request_id))
+        return self.call(lambda: self.client(service).result(request_id, wait=wait, delete=not keep))
 
     def status(self, service: str, request_id: str) -> dict[str, Any] | None:
         """What a request is doing (`_status_`): queued, running, or how it ended; None for an unknown id."""
-        params = {"requestId": request_id, "_status_": "true"}
-        response = self.request("GET", queue_path(service), params=params, accept=(404,))
-        if response.status_code == 404:
-            return None
-        found: dict[str, Any] = response.json()
-        return found
+
+        def known() -> dict[str, Any] | None:
+            try:
+                return self.client(service).status(request_id).raw
+            except NotFound:
+                return None
+
+        return self.call(known)
 
     def commit(self, service: str, index: int, sink: bool) -> None:
-        self.request("PUT", queue_path(service, sink=sink), params={"_indexes_": str(index)})
+        self.call(lambda: self.client(service).commit(index, sink=sink))
 
     def attributes(self, service: str, sink: bool) -> dict[str, str]:
-        return self.request("GET", queue_path(service, sink=sink), params={"_attrs_": "true"}).json()
+        return self.call(lambda: self.client(service).attributes(sink=sink))
 
     def readiness(self, api_only: bool = False) -> httpx.Response:
-        return self.request("GET", "/readyz", params={"scope": "api"} if api_only else None, accept=(503,))
-
-
-def queue_path(service: str, sink: bool = False) -> str:
-    return f"/api/predict/{quote(service, safe='')}" + ("/sink" if sink else "")
+        return self.call(lambda: self.client("").send(calls.readiness(api_only), accept=(503,)))
 
 
 def _detail(response: httpx.Response) -> str:
@@ -255,9 +221,9 @@ def warn_if_no_live_worker(api: Api, service: str) -> None:
 def emit_result(result: Result, raw: bool) -> None:
     """The body on stdout (exact bytes with --raw, else text); a processor's error status exits 1."""
     if raw:
-        click.echo(result.body, nl=False)
+        click.echo(result.data, nl=False)
     else:
-        text = result.body.decode("utf-8", errors="replace")
+        text = result.text
         click.echo(text, nl=not text.endswith("\n"))
     if result.status != 200:
         raise CliError(f"the processor answered status {result.status} (request id {result.request_id})", EXIT_REFUSED)
@@ -452,43 +418,26 @@ def watch(
       queue-service watch -s echo
       queue-service watch -s sleep --count 1 | jq .data
     """
-    # Imported here: the other commands (and the compose healthcheck) start faster without them.
-    from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-    from websockets.sync.client import connect
-
-    from queue_service.wire import decode_frame
-
     api = Api(url, token)
-    params = {
-        "_watch_": "true",
-        "_window_": str(window),
-        "_index_": str(start_index),
-        "_auto_commit_": "false",
-        **tags,
-    }
-    ws_url = "ws" + url.rstrip("/").removeprefix("http") + queue_path(service, sink=not input_queue)
-    headers = {GID_HEADER: group, UID_HEADER: f"cli-{uuid.uuid4().hex[:12]}"}
-    if token:
-        headers["Authorization"] = token
+    results = api.client(service).watch(
+        group=group, window=window, start_index=start_index, tags=tags, sink=not input_queue, commit=False
+    )
     seen = 0
     try:
-        with connect(f"{ws_url}?{urlencode(params)}", additional_headers=headers, max_size=None) as socket:
-            while count is None or seen < count:
-                message = socket.recv()  # items come as binary frames: bytes
-                frame = decode_frame(message if isinstance(message, bytes) else message.encode())
-                click.echo(json.dumps(_item_json(frame.index, frame.tags, frame.data), ensure_ascii=False))
-                api.commit(service, frame.index, sink=not input_queue)
-                seen += 1
+        for result in results:
+            click.echo(json.dumps(_item_json(result.index, result.tags, result.data), ensure_ascii=False))
+            api.commit(service, result.index, sink=not input_queue)  # printed, then committed
+            seen += 1
+            if count is not None and seen >= count:
+                break
     except KeyboardInterrupt:
         return
-    except InvalidStatus as exc:
-        response = exc.response
-        detail = response.body.decode(errors="replace") if response.body else ""
-        _fail(f"watch refused: {response.status_code} {detail}".strip(), EXIT_REFUSED)
-    except (OSError, InvalidHandshake) as exc:
-        _fail(f"cannot connect to {url}: {exc}", EXIT_NO_CONNECTION)
-    except ConnectionClosed as exc:
-        _fail(f"the API closed the watch: {exc}", EXIT_NO_CONNECTION)
+    except RequestFailed as exc:
+        _fail(f"watch refused: {exc.status} {exc.detail}".strip(), EXIT_REFUSED)
+    except Unreachable as exc:
+        _fail(str(exc), EXIT_NO_CONNECTION)
+    finally:
+        results.close()
 
 
 def _item_json(index: int, tags: dict[str, str], data: bytes) -> dict[str, Any]:

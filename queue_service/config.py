@@ -6,6 +6,8 @@ A bad services file is refused before anything runs, with a message that names t
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Iterable
 from functools import cached_property
@@ -17,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from queue_service.durations import parse_duration
 from queue_service.store.durability import Replicated
 
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -51,6 +54,64 @@ class SinkSettings(_Strict):
     max_bytes: Annotated[int, Field(gt=0)] = 512 * 1024 * 1024
 
 
+# The longest deadline a request can have (`_ttl_`, queue.request_ttl).
+MAX_TTL_SECONDS = 7 * 24 * 3600
+WEBHOOK_EVENTS = ("start", "progress", "output", "completed")
+
+
+class WebhookSettings(_Strict):
+    """Ours: the service's webhook (queue_service/webhooks/, docs/webhooks.md). Without `url`, only requests
+    that name one (`_webhook_`) get webhooks; either way they are signed with `secret`."""
+
+    url: str | None = None
+    events: list[str] = ["completed"]
+    # Standard Webhooks' secret form: `whsec_` + base64 of 24-64 random bytes. Required: receivers must be
+    # able to verify what they get.
+    secret: str
+    # Attempts per delivery before it is a dead letter; with the default backoff, 8 span about an hour.
+    max_attempts: Annotated[int, Field(ge=1, le=30)] = 8
+    # The first retry's delay; each next one doubles (with jitter), up to an hour.
+    backoff_seconds: Annotated[float, Field(ge=0, le=3600)] = 30
+    # One attempt, from connecting to the answer: a receiver that hangs is cut off after it.
+    timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10
+    # Results up to this size are in the payload (base64 when not UTF-8); larger ones only as a link.
+    max_result_bytes: Annotated[int, Field(ge=0, le=16 * 1024 * 1024)] = 256 * 1024
+    # Allow URLs that resolve to loopback, private, link-local or metadata addresses (refused otherwise).
+    allow_private: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _is_an_http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, value: list[str]) -> list[str]:
+        unknown = [event for event in value if event not in WEBHOOK_EVENTS]
+        if unknown or not value:
+            raise ValueError(f"must be a non-empty list of {', '.join(WEBHOOK_EVENTS)}; got {value}")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _a_standard_webhooks_secret(cls, value: str) -> str:
+        body = value.removeprefix("whsec_")
+        try:
+            key = base64.b64decode(body + "==", validate=False)
+        except (binascii.Error, ValueError):
+            key = b""
+        if not value.startswith("whsec_") or not 24 <= len(key) <= 64:
+            raise ValueError(
+                "must be 'whsec_' + base64 of 24-64 random bytes, e.g. "
+                "python -c \"import base64,os; print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
+            )
+        return value
+
+
 class QueueSettings(_Strict):
     """The platform's `queue.*` keys, plus ours (documented in README)."""
 
@@ -68,7 +129,15 @@ class QueueSettings(_Strict):
     # replication_timeout_ms, then 503 (the put) or a retry (the result). Needs a replica (Sentinel).
     durability: Literal["primary", "replicated"] = "primary"
     replication_timeout_ms: Annotated[int, Field(gt=0, le=60_000)] = 1000
+    # Ours: a request still waiting this long after its put never runs (lastCode 408); 0 = no deadline. Seconds
+    # or a Go duration ("10m"); a put's `_ttl_` replaces it for that request.
+    request_ttl: Annotated[float, Field(ge=0, le=MAX_TTL_SECONDS)] = 0
     sink: SinkSettings = SinkSettings()
+
+    @field_validator("request_ttl", mode="before")
+    @classmethod
+    def _a_duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
 
 
 class UpstreamSettings(_Strict):
@@ -114,6 +183,7 @@ class ServiceConfig(_Strict):
     token: str | None = None
     metadata: Metadata = Metadata()
     queue: QueueSettings = QueueSettings()
+    webhook: WebhookSettings | None = None
 
     @field_validator("name")
     @classmethod
@@ -244,6 +314,9 @@ class Settings(BaseSettings):
     max_answer_bytes: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
     # API: the Bearer token of /dashboard. Empty: the dashboard is served to loopback clients only.
     admin_token: str = ""
+    # Webhooks: the API's address as receivers reach it, for the link to a result too large for a payload
+    # (webhook.max_result_bytes); empty: the link is a path only.
+    public_url: str = ""
 
     def load_services(self) -> ServicesFile:
         return load_services(self.services)

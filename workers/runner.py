@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from queue_service.store.model import Item, Outcome
+from queue_service.store.model import EXPIRED_MESSAGE, Item, Outcome
 from workers.context import RequestContext
 from workers.processor import LoadedProcessor, failure_message
 
@@ -61,6 +61,14 @@ def run_batch(processor: LoadedProcessor, items: Sequence[Item], run_coroutine: 
         message = failure_message(exc)
         log.info("processor failed on a batch of %d (%s...): %s", len(items), items[0].request_id, message)
         return [Outcome.failure(400, message)] * len(items)
+
+
+def expired(item: Item) -> Outcome:
+    """The terminal answer of an item whose deadline passed before a worker could run it."""
+    if item.deliveries <= 1:
+        return Outcome.failure(408, EXPIRED_MESSAGE)
+    # Its first worker was lost after starting it; past the deadline it is not started again.
+    return Outcome.failure(408, f"{EXPIRED_MESSAGE} again: its worker was lost, and its deadline passed")
 
 
 def given_up(item: Item) -> Outcome:

@@ -49,7 +49,7 @@ from workers.lease_keeper import SHUTDOWN, Held, Interrupted, LeaseKeeper
 from workers.plan import ServicePlan, plan_service
 from workers.processor import ProcessorLoadError
 from workers.results import Done, Publisher
-from workers.runner import ProcessingTimeout, given_up, run_batch, run_item
+from workers.runner import ProcessingTimeout, expired, given_up, run_batch, run_item
 from workers.watchdog import Watchdog
 
 # Exit code of a worker whose services file or processor cannot be used (sysexits' EX_CONFIG).
@@ -130,7 +130,12 @@ class QueueWorker(SimpleWorker):
             except ProcessorLoadError as exc:
                 _fail_start(f"service {service.name!r}: {exc}")
         self.processors = {name: plan.processor for name, plan in self.plans.items()}
-        self.store = WorkerStore(self.connection, self.name, durability(self.services))
+        self.store = WorkerStore(
+            self.connection,
+            self.name,
+            durability=durability(self.services),
+            webhook_inline_bytes={s.name: s.webhook.max_result_bytes for s in self.services if s.webhook is not None},
+        )
         self.timings = TimingCounts()
         self._stop_asked_at: float | None = None
         self._cold_stop = False
@@ -393,13 +398,17 @@ class QueueWorker(SimpleWorker):
         self._run_unit(plan, runnable, from_idle=job.meta["from_idle"])
 
     def _give_up_exhausted(self, items: list[Item]) -> list[Item]:
-        """Items delivered queue.max_delivery times end with their terminal answer; the rest, to run."""
-        exhausted = [item for item in items if item.exhausted]
-        if exhausted:
+        """Items delivered queue.max_delivery times, or past their deadline, end with their terminal answer
+        without running; the rest, to run."""
+        ended = [item for item in items if item.exhausted or item.expired]
+        if ended:
             self.publisher.publish(
-                [Done(held, given_up(held.item)) for held in self.keeper.hold(exhausted, main=False)]
+                [
+                    Done(held, expired(held.item) if held.item.expired else given_up(held.item))
+                    for held in self.keeper.hold(ended, main=False)
+                ]
             )
-        return [item for item in items if not item.exhausted]
+        return [item for item in items if not (item.exhausted or item.expired)]
 
     def _run_unit(self, plan: ServicePlan, items: list[Item], *, from_idle: bool) -> None:
         """One item, or one batch, in the main thread."""

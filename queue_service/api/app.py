@@ -24,6 +24,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from queue_service.api import dashboard, health, openapi, queue_routes
 from queue_service.api.context import App
+from queue_service.api.deadlines import DeadlineSweeper
 from queue_service.api.errors import ApiError, error_response
 from queue_service.api.metrics import Metrics
 from queue_service.api.request_log import RequestLog
@@ -138,9 +139,12 @@ def create_app(
         fastapi_app.state.qs = state
         answer_counts = dashboard.AnswerCounts(app_metrics, state.store)
         answer_counts.start()
+        sweeper = DeadlineSweeper(state.store, services)
+        sweeper.start()
         try:
             yield
         finally:
+            await sweeper.stop()
             await answer_counts.stop()
             await state.waiters.close()
             if redis_client is None:

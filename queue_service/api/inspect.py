@@ -16,7 +16,7 @@ from queue_service.config import ServiceConfig
 from queue_service.protocol import GID_HEADER, PROTOBUF_MEDIA_TYPE, UID_HEADER
 from queue_service.store import keys
 from queue_service.store.keys import WORKER_GROUP
-from queue_service.store.model import QueueState
+from queue_service.store.model import QueueState, ended_state
 from queue_service.store.queues import QueueStore, RequestState
 from queue_service.wire import encode_attributes, wants_protobuf
 
@@ -94,6 +94,10 @@ async def attributes(request: Request, call: QueueCall) -> Response:
         }
     else:
         attrs |= {"stream.bytes": str(state.bytes), "stream.maxBytes": str(service.queue.sink.max_bytes)}
+    if call.queue == "input" and service.webhook is not None:
+        hooks = await store.webhook_counts(service.name)
+        attrs |= {"webhooks.queued": str(hooks.queued), "webhooks.scheduled": str(hooks.scheduled)}
+        attrs["webhooks.dead"] = str(hooks.dead)
     if verdict.reasons:
         attrs["meta.reason"] = "; ".join(verdict.reasons)
     if wants_protobuf(request.headers.get("accept")):
@@ -125,29 +129,33 @@ async def status(request: Request, call: QueueCall) -> Response:
 
 
 def status_body(request_id: str, found: RequestState) -> dict[str, object]:
+    """queued (position), running (deliveries, progress), or how it ended: succeeded, failed, cancelled,
+    expired; timestamps in ms (acceptedAt, startedAt, finishedAt; deadline while it waits), webhook deliveries."""
     body: dict[str, object] = {"requestId": request_id}
     if found.state in ("queued", "running"):
         body |= {"state": found.state, "index": found.index, "acceptedAt": found.put_ms}
+        if found.deadline_ms:
+            body["deadline"] = found.deadline_ms
         if found.state == "queued":
             body["position"] = found.ahead
         else:
             body["deliveries"] = found.deliveries
-        return body
-    body |= {"state": outcome_state(found.status), "statusCode": found.status}
-    if found.status != 200:
-        body["lastCode"] = str(found.status)
-    if found.state == "done":
-        body |= {"result": "in_sink", "resultIndex": found.index, "finishedAt": found.finished_ms}
-        if found.message:
-            body["message"] = found.message
+            if found.started_ms:
+                body["startedAt"] = found.started_ms
+            if found.progress is not None:
+                body["progress"] = found.progress
     else:
-        body |= {"result": "removed", "removedAt": found.removed_ms}
+        body |= {"state": ended_state(found.status, found.ending), "statusCode": found.status}
+        if found.status != 200:
+            body["lastCode"] = str(found.status)
+        if found.state == "done":
+            body |= {"result": "in_sink", "resultIndex": found.index}
+            body |= {name: ms for name, ms in (("acceptedAt", found.put_ms), ("startedAt", found.started_ms)) if ms}
+            body["finishedAt"] = found.finished_ms
+            if found.message:
+                body["message"] = found.message
+        else:
+            body |= {"result": "removed", "removedAt": found.removed_ms}
+    if found.webhooks:
+        body["webhooks"] = found.webhooks
     return body
-
-
-def outcome_state(status: int) -> str:
-    if status == 200:
-        return "succeeded"
-    if status == 499:
-        return "cancelled"
-    return "failed"

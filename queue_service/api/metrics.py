@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from queue_service.config import ServicesFile
@@ -112,7 +112,35 @@ class Metrics:
                 cumulative += decoded.get(f"{hist_name}:+Inf", 0.0)
                 buckets.append(("+Inf", cumulative))
                 family.add_metric([name], buckets, decoded.get(f"{hist_name}:sum", 0.0))
-        self._from_redis = [*gauges.values(), *histograms.values()]
+        self._from_redis = [*gauges.values(), *histograms.values(), *(await _webhook_families(store, services))]
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+async def _webhook_families(store: QueueStore, services: ServicesFile) -> list[GaugeMetricFamily | CounterMetricFamily]:
+    """Webhook deliveries per service (queued, scheduled, dead letters) and attempts by outcome, cluster-wide."""
+    deliveries = GaugeMetricFamily(
+        "queue_service_webhook_deliveries",
+        "Webhook deliveries: queued (not yet taken), scheduled (in flight or retrying), dead (dead letters)",
+        labels=["service", "state"],
+    )
+    attempts = CounterMetricFamily(
+        "queue_service_webhook_attempts",
+        "Webhook attempts by outcome: delivered, failed, gone (410), dead (last attempt failed)",
+        labels=["service", "outcome"],
+    )
+    for service in services.services:
+        if service.webhook is None:
+            continue
+        counts = await store.webhook_counts(service.name)
+        for state, value in (("queued", counts.queued), ("scheduled", counts.scheduled), ("dead", counts.dead)):
+            deliveries.add_metric([service.name, state], value)
+        for outcome, total in (
+            ("delivered", counts.delivered),
+            ("failed", counts.failed),
+            ("gone", counts.gone),
+            ("dead", counts.dead_total),
+        ):
+            attempts.add_metric([service.name, outcome], total)
+    return [deliveries, attempts]

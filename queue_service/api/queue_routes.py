@@ -13,7 +13,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from queue_service.api import inspect, reads, sync, watch
+from queue_service.api import inspect, put_options, put_wait, reads, sync, watch
 from queue_service.api.errors import ApiError
 from queue_service.api.params import Params
 from queue_service.api.preamble import QueueCall, identity, queue_call
@@ -26,22 +26,36 @@ SERVICE_PATH = "/api/predict/{service_name}"
 
 async def put(request: Request, queue: QueueName) -> Response:
     request.state.operation = "put"
-    call = await queue_call(request, queue, allowed={"_priority_"}, with_body=True, check=Params.item_tags)
+    allowed = {"_priority_", *put_options.CONTROLS} if queue == "input" else {"_priority_"}
+    call = await queue_call(request, queue, allowed=allowed, with_body=True, check=Params.item_tags)
     tags = call.params.item_tags()
     priority = call.params.flag("_priority_")
+    options = put_options.PutOptions()
     if queue == "input":
         await call.app.rate.admit(call.service)
         max_items, max_bytes = call.service.rpc.max_queue_size, 0
+        options = await put_options.put_options(request, call.params, call.service)
     else:
         max_items, max_bytes = call.service.queue.sink.max_length, call.service.queue.sink.max_bytes
     checkpoint("put.admitted")
     # The body's Content-Type goes with an input item: an upstream gets the body as the client sent it.
     content_type = request.headers.get("content-type", "") if queue == "input" else ""
     result = await call.app.store.put(
-        call.qk, call.body, tags, max_items=max_items, max_bytes=max_bytes, priority=priority, content_type=content_type
+        call.qk,
+        call.body,
+        tags,
+        max_items=max_items,
+        max_bytes=max_bytes,
+        priority=priority,
+        content_type=content_type,
+        ttl_ms=options.ttl_ms,
+        hooks=options.hooks,
+        idempotency_digest=options.idempotency_digest,
     )
     checkpoint("put.stored")
     request.state.request_id = result.request_id
+    if options.wait_seconds is not None:
+        return await put_wait.answer_when_done(request, call, result, options.wait_seconds)
     return PlainTextResponse(str(result.index), headers={REQUEST_ID_HEADER: result.request_id})
 
 
@@ -68,6 +82,8 @@ async def delete(request: Request, queue: QueueName) -> Response:
         if "_index_" not in request.query_params:
             raise ApiError(400, "_trunc_=true needs _index_: items below that index are removed")
         await call.app.store.truncate(call.qk, call.params.integer("_index_", 0, minimum=1), group)
+    elif queue == "input":  # a request deleted from the input queue is cancelled (its status, its webhooks)
+        await call.app.store.cancel(call.service.name, call.params.indexes(), group)
     else:
         await call.app.store.remove(call.qk, call.params.indexes(), group)
     return PlainTextResponse("OK")

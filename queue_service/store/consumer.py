@@ -76,12 +76,21 @@ _LEASE_STATES: dict[int, LeaseState] = {
 class WorkerStore:
     """One worker's view of the queues of its services."""
 
-    def __init__(self, redis: Redis, name: str, durability: Durability | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        name: str,
+        *,
+        durability: Durability | None = None,
+        webhook_inline_bytes: Mapping[str, int] | None = None,
+    ) -> None:
         self.redis = redis
         self.name = name
         self.scripts = scripts.Scripts(redis)
         # Services whose results a replica must confirm: their finishes end with a WAIT (see Scripts.run_many).
         self.durability = dict(durability or {})
+        # Per service: results up to this size go into their webhook deliveries (larger ones: a link).
+        self.webhook_inline_bytes = dict(webhook_inline_bytes or {})
 
     def take(self, service: str, rules: TakeRules, *, want: int = 1, claim: bool = False) -> Taken:
         """Up to `want` items; `claim` also takes items whose lease lapsed (asked periodically, not per take)."""
@@ -156,6 +165,7 @@ class WorkerStore:
                 now_ms=now_ms,
                 processing_seconds=f.processing_seconds,
                 held=f.held,
+                inline_bytes=self.webhook_inline_bytes.get(f.item.service, 0),
             )
             for f in finishes
         ]

@@ -15,6 +15,8 @@ QueueName = Literal["input", "sink"]
 # default is `eas`) are separate: each group sees every item. Names starting with this prefix are ours.
 RESERVED_PREFIX = "qs-"
 WORKER_GROUP = "qs-workers"
+# The webhook dispatchers' consumer group on each service's deliveries stream.
+WEBHOOK_GROUP = "qs-webhooks"
 
 
 def _service(service: str) -> str:
@@ -140,6 +142,72 @@ def answers(service: str, minute: int) -> str:
     return f"{_service(service)}:answers:{minute}"
 
 
+def deadlines(service: str) -> str:
+    """Sorted set: input index -> deadline (ms) of requests put with a TTL; the sweep pops the due ones
+    (a member whose item a worker took, or that is gone, is only dropped when its deadline comes)."""
+    return f"{_service(service)}:deadlines"
+
+
+def idempotency(service: str, key_digest: str) -> str:
+    """String `<index>:<request id>` of the put that came with an Idempotency-Key (sha256 hex of the key);
+    expires 24 h after that put."""
+    return f"{_service(service)}:idempotency:{key_digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookKeys:
+    """The webhook deliveries of one service (queue_service/webhooks/ makes them)."""
+
+    service: str
+
+    @property
+    def stream(self) -> str:
+        """Stream of deliveries, one entry per event and target, written in the step that causes the event;
+        the dispatchers read it through the consumer group WEBHOOK_GROUP. A delivered entry is deleted."""
+        return f"{_service(self.service)}:webhooks"
+
+    @property
+    def due(self) -> str:
+        """Sorted set: delivery entry id -> when it is due (ms): the next attempt of a retry, or the end of
+        the lease of an attempt in flight (a dispatcher that dies leaves it to lapse)."""
+        return f"{self.stream}:due"
+
+    @property
+    def dead(self) -> str:
+        """Sorted set: delivery entry id -> when its last attempt failed (ms): dead letters, kept (with their
+        stream entries) until retried or dropped by hand, at most DEAD_LETTERS_KEPT of them."""
+        return f"{self.stream}:dead"
+
+    @property
+    def requests(self) -> str:
+        """Hash: request id -> JSON of its deliveries' states (`<event>/<target>` -> state, attempts, last
+        status); what a request's status reports. Dropped 24 h after its last change (dispatcher maintenance)."""
+        return f"{self.stream}:requests"
+
+    @property
+    def stats(self) -> str:
+        """Hash of counters: `delivered`, `failed` (attempts), `dead`, `gone`; cluster-wide, for /metrics."""
+        return f"{self.stream}:stats"
+
+    @property
+    def maintenance(self) -> str:
+        """String: held by the one dispatcher that runs the deliveries' maintenance now; expires after 54 s."""
+        return f"{self.stream}:maintenance"
+
+    @property
+    def all(self) -> list[str]:
+        return [self.stream, self.due, self.dead, self.requests, self.stats, self.maintenance]
+
+
+def webhooks(service: str) -> WebhookKeys:
+    return WebhookKeys(service)
+
+
+def expiry_lock(service: str) -> str:
+    """String: held by the one API process that sweeps the service's expired requests now (about a second)."""
+    return f"{_service(service)}:deadlines:sweep"
+
+
 def service_keys(service: str) -> list[str]:
     """Every fixed-name key of a service (not the reply streams of API processes, which expire by themselves)."""
     return [
@@ -151,6 +219,9 @@ def service_keys(service: str) -> list[str]:
         rate_limit(service),
         timings(service),
         maintenance_lock(service),
+        deadlines(service),
+        expiry_lock(service),
+        *webhooks(service).all,
     ]
 
 

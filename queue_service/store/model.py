@@ -11,6 +11,8 @@ import redis.exceptions
 TEXT_PLAIN = "text/plain; charset=utf-8"
 OCTET_STREAM = "application/octet-stream"
 
+# The terminal answer of a request whose deadline passed before it ran (lastCode 408).
+EXPIRED_MESSAGE = "expired before it started"
 # A release makes an item claimable at once (its idle time jumps past any lease).
 RELEASE_IDLE_MS = 10**12
 # The lapse a claim asks for right after a Redis restart, when idle times include the downtime and
@@ -99,8 +101,10 @@ class Item:
     reply_channel: str  # the API process waiting for a sync answer; "" for an async request
     deliveries: int
     exhausted: bool = False  # delivered queue.max_delivery times already: to be given up, not run
+    expired: bool = False  # its deadline (`_ttl_`, queue.request_ttl) passed before it ran: ended, never run
     path: str = ""  # the request's sub-path (POST /api/predict/<service>/<path>), passed to the processor
     content_type: str = ""  # the put's Content-Type, as the client sent it ("" when it sent none)
+    hooks: str = ""  # its webhook targets (JSON, queue_service/webhooks/targets.py); "" when none
     taken_at: float = field(default_factory=time.time)
 
     @property
@@ -142,6 +146,7 @@ class Reply:
 class PutResult:
     index: int
     request_id: str
+    repeated: bool = False  # an Idempotency-Key seen before: the first put's index and request id, nothing stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,3 +243,62 @@ class FailureScan:
     scanned: int
     oldest_ms: int  # finish time of the oldest item looked at; 0 when the sink is empty
     failures: list[FailedResult]
+
+
+# --- webhook deliveries ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One webhook delivery a dispatcher holds: an event of a request for one target, and which attempt this is.
+
+    `fields` are the facts the step that caused the event wrote (finish.lua, take.lua, remove.lua, expire.lua):
+    `event`, `target`, `url` ('' = the service's webhook), `rid`, `ts`, and per event `index`, `code`, `data`...
+    """
+
+    service: str
+    entry_id: str
+    webhook_id: str  # the same on every attempt (receivers dedupe on it)
+    attempt: int  # 1 for the first
+    fields: dict[str, bytes]
+
+    def text(self, name: str, default: str = "") -> str:
+        value = self.fields.get(name)
+        return value.decode("utf-8", errors="replace") if value is not None else default
+
+    @property
+    def event(self) -> str:
+        return self.text("event")
+
+    @property
+    def request_id(self) -> str:
+        return self.text("rid")
+
+    @property
+    def state_key(self) -> str:
+        """Its key in the request's deliveries state: `<event>/<target>`."""
+        return f"{self.event}/{self.text('target', '1')}"
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookCounts:
+    """A service's webhook deliveries at one moment, and its counters since the start (cluster-wide)."""
+
+    queued: int  # not yet taken by a dispatcher
+    scheduled: int  # in flight or waiting for their next attempt
+    dead: int  # dead letters
+    delivered: int
+    failed: int  # failed attempts
+    gone: int  # stopped by a 410 answer
+    dead_total: int
+
+
+def ended_state(status: int, ending: str = "") -> str:
+    """How a finished request ended, by its status code: succeeded, failed, cancelled (499) or expired."""
+    if ending == "expired":
+        return "expired"
+    if status == 200:
+        return "succeeded"
+    if status == 499:
+        return "cancelled"
+    return "failed"

@@ -27,6 +27,7 @@ from queue_service.store.model import (
     QueueState,
     Read,
     RunningItem,
+    WebhookCounts,
 )
 
 # How many items one truncate script removes before the next step (a huge truncate must not block Redis).
@@ -58,6 +59,11 @@ class RequestState:
     tags: Mapping[str, str] | None = None
     message: str = ""
     size: int = 0
+    deadline_ms: int = 0  # when it expires if still waiting (0: no deadline)
+    started_ms: int = 0  # running: when its worker took it (as the worker published); done: when it started
+    progress: Any = None  # running: what its processor last reported (as its worker published), if anything
+    ending: str = ""  # "expired" when it ended at its deadline (lastCode 408)
+    webhooks: Mapping[str, Any] | None = None  # `<event>/<target>` -> state of that delivery
 
 
 class QueueStore:
@@ -82,8 +88,14 @@ class QueueStore:
         request_id: str = "",
         path: str = "",
         content_type: str = "",
+        ttl_ms: int = 0,
+        hooks: str = "",
+        idempotency_digest: str = "",
     ) -> PutResult:
-        """Append one item; QueueFull when the bound is reached, NoLiveWorker for a sync put without a worker."""
+        """Append one item; QueueFull when the bound is reached, NoLiveWorker for a sync put without a worker.
+
+        `ttl_ms`: a deadline (ends it unrun if still waiting then); `hooks`: its webhook targets (JSON);
+        `idempotency_digest`: an Idempotency-Key's sha256, whose first put answers again (`repeated`)."""
         request_id = request_id or new_request_id()
         call = scripts.put(
             qk,
@@ -97,11 +109,14 @@ class QueueStore:
             reply_channel=reply_channel,
             path=path,
             content_type=content_type,
+            ttl_ms=ttl_ms,
+            hooks=hooks,
+            idempotency_digest=idempotency_digest,
         )
         rule = self.durability.get(qk.service)
         if rule is not None:
-            return PutResult(await run_replicated_async(self.scripts, self.redis, call, rule), request_id)
-        return PutResult(await self.scripts.run_async(call), request_id)
+            return await run_replicated_async(self.scripts, self.redis, call, rule)
+        return await self.scripts.run_async(call)
 
     async def read(
         self,
@@ -142,6 +157,35 @@ class QueueStore:
         removed, _ = await self.scripts.run_async(scripts.remove(qk, "indexes", indexes, now_ms=now_ms(), group=group))
         return removed
 
+    async def cancel(self, service: str, indexes: Sequence[int], group: str = "") -> int:
+        """Delete input items as cancelled requests: one no worker holds ends here (its status says cancelled,
+        its webhooks go); a held one's worker writes its terminal answer. Returns how many were there."""
+        call = scripts.remove(keys.input_queue(service), "cancel", indexes, now_ms=now_ms(), group=group)
+        removed, _ = await self.scripts.run_async(call)
+        return removed
+
+    async def expire(self, service: str, *, most: int = 1000) -> int:
+        """End requests whose deadline passed while they waited; how many (see expire.lua)."""
+        return await self.scripts.run_async(scripts.expire(service, most=most))
+
+    async def sweep_lock(self, service: str, owner: str, ms: int) -> bool:
+        """Whether this caller may sweep the service's deadlines now (one API process per interval)."""
+        return bool(await self.redis.set(keys.expiry_lock(service), owner, nx=True, px=ms))
+
+    async def webhook_counts(self, service: str) -> WebhookCounts:
+        """The service's webhook deliveries now, and its delivery counters (one pipeline)."""
+        hooks = keys.webhooks(service)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(hooks.stream)
+            pipe.zcard(hooks.due)
+            pipe.zcard(hooks.dead)
+            pipe.hmget(hooks.stats, ["delivered", "failed", "gone", "dead"])
+            length, scheduled, dead, stats = await pipe.execute()
+        delivered, failed, gone, dead_total = (int(v or 0) for v in stats)
+        # The stream holds what is queued, what is scheduled and the dead letters' entries.
+        queued = max(0, int(length) - int(scheduled) - int(dead))
+        return WebhookCounts(queued, int(scheduled), int(dead), delivered, failed, gone, dead_total)
+
     async def withdraw(self, service: str, index: int) -> bool:
         """Remove an input item only if no worker has taken it yet; True when withdrawn."""
         call = scripts.remove(keys.input_queue(service), "waiting", [index], now_ms=now_ms())
@@ -166,18 +210,45 @@ class QueueStore:
         return Position(holder, pending, ahead)
 
     async def status(self, service: str, request_id: str) -> RequestState | None:
+        """Where one request is, in one round trip (status.lua): its queue, its worker's report, its webhooks."""
         raw = await self.scripts.run_async(scripts.status(service, request_id))
         if raw is None:
             return None
         state = _text(raw[0])
         if state == "queued":
-            return RequestState("queued", index=int(raw[1]), put_ms=int(raw[2] or 0), ahead=int(raw[3]))
+            _, index, put_ms, ahead, deadline, hooks = raw
+            return RequestState(
+                "queued",
+                index=int(index),
+                put_ms=int(put_ms or 0),
+                ahead=int(ahead),
+                deadline_ms=int(deadline or 0),
+                webhooks=_json_or_none(hooks),
+            )
         if state == "running":
-            return RequestState("running", index=int(raw[1]), put_ms=int(raw[2] or 0), deliveries=int(raw[3]))
+            _, index, put_ms, deliveries, _idle, deadline, hooks, published = raw
+            mine = _published_entry(published, int(index))
+            return RequestState(
+                "running",
+                index=int(index),
+                put_ms=int(put_ms or 0),
+                deliveries=int(deliveries),
+                deadline_ms=int(deadline or 0),
+                started_ms=int(mine.get("startedAt") or 0),
+                progress=mine.get("progress"),
+                webhooks=_json_or_none(hooks),
+            )
         if state == "removed":
-            removed_ms, _, status = _text(raw[1]).partition(":")
-            return RequestState("removed", removed_ms=int(removed_ms or 0), status=int(status or 200))
-        _, index, tags_json, finished, message, size = raw
+            _, memory, hooks = raw
+            removed_ms, status, ending = [*_text(memory).split(":"), "", ""][:3]
+            return RequestState(
+                "removed",
+                removed_ms=int(removed_ms or 0),
+                status=int(status or 200),
+                ending=ending,
+                webhooks=_json_or_none(hooks),
+            )
+        _, index, tags_json, finished, message, size, hooks, put_ms, started_ms, ending = raw
         tags = json.loads(tags_json or b"{}")
         return RequestState(
             "done",
@@ -187,6 +258,10 @@ class QueueStore:
             finished_ms=int(finished or 0),
             message=_text(message),
             size=int(size),
+            put_ms=int(put_ms or 0),
+            started_ms=int(started_ms or 0),
+            ending=_text(ending),
+            webhooks=_json_or_none(hooks),
         )
 
     async def live_workers(self, service: str) -> int:
@@ -359,6 +434,18 @@ class NewEntries:
 
 def queue_keys(service: str, queue: QueueName) -> QueueKeys:
     return keys.queue_keys(service, queue)
+
+
+def _json_or_none(raw: Any) -> Any:
+    return json.loads(raw) if raw else None
+
+
+def _published_entry(published: Any, index: int) -> dict[str, Any]:
+    """The entry of item `index` in what its worker published (`qs:{s}:running`); {} when it has not yet."""
+    for entry in json.loads(published) if published else []:
+        if int(entry.get("index", 0)) == index:
+            return dict(entry)
+    return {}
 
 
 def _text(value: object) -> str:

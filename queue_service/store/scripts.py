@@ -20,12 +20,14 @@ from typing import Any, Generic, TypeVar
 from redis.exceptions import NoScriptError, ResponseError
 
 from queue_service.store import keys
-from queue_service.store.keys import WORKER_GROUP, QueueKeys
+from queue_service.store.keys import WEBHOOK_GROUP, WORKER_GROUP, QueueKeys
 from queue_service.store.model import (
+    EXPIRED_MESSAGE,
     RELEASE_IDLE_MS,
     RELEASED_ONLY_MS,
     REPLY_TTL_MS,
     DataFrame,
+    Delivery,
     FailedResult,
     FailureScan,
     Finished,
@@ -35,6 +37,7 @@ from queue_service.store.model import (
     NoLiveWorker,
     NotHolder,
     Outcome,
+    PutResult,
     QueueFull,
     Read,
     Reply,
@@ -63,17 +66,25 @@ NAMES = (
     "holding",
     "failures",
     "peek",
+    "expire",
+    "hook_take",
+    "hook_done",
+    "hook_revive",
 )
 # How many replies one API process's reply stream keeps (it reads them as they come).
 REPLY_STREAM_MAXLEN = 10_000
 # Most items counted ahead of one in a search or a status (the scan is inside Redis).
 AHEAD_CAP = 100_000
+# How long an Idempotency-Key answers with its first put.
+IDEMPOTENCY_SECONDS = 24 * 3600
+# Dead letters kept per service (the oldest go first past it).
+DEAD_LETTERS_KEPT = 10_000
 
 
 @cache
 def source(name: str) -> str:
     folder = resources.files("queue_service.store") / "lua"
-    header = f"local WORKER_GROUP = '{WORKER_GROUP}'\n"
+    header = f"local WORKER_GROUP = '{WORKER_GROUP}'\nlocal WEBHOOK_GROUP = '{WEBHOOK_GROUP}'\n"
     return header + (folder / "lib.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
 
 
@@ -188,8 +199,12 @@ def frame_from_entry(entry_id: bytes | str, flat: Sequence[Any]) -> DataFrame:
     )
 
 
+# What take.lua says of an item it hands over: run it, give it up (exhausted), or end it (expired).
+TAKE_RUN, TAKE_EXHAUSTED, TAKE_EXPIRED = 0, 1, 2
+
+
 def item_from_entry(service: str, taken: Sequence[Any]) -> Item:
-    stream, entry_id, flat, deliveries, exhausted = taken
+    stream, entry_id, flat, deliveries, ending = taken
     fields = _flat_fields(flat)
     return Item(
         service=service,
@@ -202,9 +217,11 @@ def item_from_entry(service: str, taken: Sequence[Any]) -> Item:
         put_ms=int(fields.get("ts") or 0),
         reply_channel=_text(fields.get("reply", b"")),
         deliveries=int(deliveries),
-        exhausted=bool(int(exhausted)),
+        exhausted=int(ending) == TAKE_EXHAUSTED,
+        expired=int(ending) == TAKE_EXPIRED,
         path=_text(fields.get("path", b"")),
         content_type=_text(fields.get("type", b"")),
+        hooks=_text(fields.get("hooks", b"")),
     )
 
 
@@ -224,21 +241,38 @@ def put(
     reply_channel: str = "",
     path: str = "",
     content_type: str = "",
-) -> Call[int]:
-    """Append one item within the queue's bound; QueueFull past it, NoLiveWorker for a sync request without one."""
+    ttl_ms: int = 0,
+    hooks: str = "",
+    idempotency_digest: str = "",
+) -> Call[PutResult]:
+    """Append one item within the queue's bound; QueueFull past it, NoLiveWorker for a sync request without one.
 
-    def decode(raw: Any) -> int:
+    `ttl_ms`: the request's deadline from now; `hooks`: its webhook targets (JSON); `idempotency_digest`: the
+    sha256 of an Idempotency-Key, whose first put's answer is returned (`repeated`) within its lifetime."""
+
+    def decode(raw: Any) -> PutResult:
         if isinstance(raw, list):
+            if _text(raw[0]) == "same":
+                index, _, first_id = _text(raw[1]).partition(":")
+                return PutResult(int(index), first_id, repeated=True)
             if _text(raw[0]) == "no-worker":
                 raise NoLiveWorker(f"no live worker serves service {qk.service!r}")
             what = _text(raw[1])
             bound = f"{max_bytes} bytes of results" if what == "bytes" else f"{max_items} {_counted(qk)}"
             raise QueueFull(f"queue {qk.service}/{qk.queue} is full ({bound})")
-        return max(0, int(raw))
+        return PutResult(max(0, int(raw)), request_id)
 
     return Call(
         "put",
-        [qk.stream(priority), qk.seq, qk.ids, qk.counts, keys.live_workers(qk.service) if reply_channel else qk.seq],
+        [
+            qk.stream(priority),
+            qk.seq,
+            qk.ids,
+            qk.counts,
+            keys.live_workers(qk.service) if reply_channel else qk.seq,
+            keys.deadlines(qk.service),
+            keys.idempotency(qk.service, idempotency_digest) if idempotency_digest else qk.seq,
+        ],
         [
             qk.queue,
             data,
@@ -252,6 +286,10 @@ def put(
             now_ms / 1000,
             path,
             content_type,
+            ttl_ms,
+            hooks,
+            "1" if idempotency_digest else "0",
+            IDEMPOTENCY_SECONDS,
         ],
         decode,
     )
@@ -282,9 +320,10 @@ def take(
         sink_full, last_index, taken = raw
         return Taken([item_from_entry(service, t) for t in taken], bool(int(sink_full)), int(last_index))
 
+    hooks = keys.webhooks(service)
     return Call(
         "take",
-        [qi.high, qi.normal, qi.counts, qi.seq],
+        [qi.high, qi.normal, qi.counts, qi.seq, hooks.stream, hooks.requests],
         [
             consumer,
             want,
@@ -309,14 +348,17 @@ def finish(
     now_ms: int,
     processing_seconds: float = 0.0,
     held: bool = True,
+    inline_bytes: int = 0,
 ) -> Call[Finished]:
     """Publish an item's outcome and remove it; NotHolder when the caller no longer holds it (ItemGone: nobody does).
 
     A sync request's answer goes to its API process's reply stream, never to the sink. An async result with
     an empty body and status 200 writes nothing (users who deliver results elsewhere do this). `held=False`
-    publishes for an item that is gone already: the terminal answer of a cancelled request.
+    publishes for an item that is gone already: the terminal answer of a cancelled request. The request's
+    `completed` webhooks are enqueued in the same step, with the result in them up to `inline_bytes`.
     """
     qi, qs = keys.input_queue(item.service), keys.sink_queue(item.service)
+    hooks = keys.webhooks(item.service)
     if item.sync:
         mode = "reply"
     elif outcome.body or outcome.status != 200:
@@ -346,6 +388,8 @@ def finish(
             qs.ids,
             keys.replies(item.service, item.reply_channel) if item.sync else qs.normal,
             qi.seq,
+            hooks.stream,
+            hooks.requests,
         ],
         [
             consumer,
@@ -363,6 +407,13 @@ def finish(
             f"{processing_seconds:.6f}",
             REPLY_TTL_MS,
             REPLY_STREAM_MAXLEN,
+            item.hooks,
+            "1" if item.hooks and len(outcome.body) <= inline_bytes else "0",
+            item.put_ms,
+            int(item.taken_at * 1000),
+            item.deliveries,
+            item.index,
+            "expired" if item.expired else "",
         ],
         decode,
     )
@@ -462,9 +513,19 @@ def remove(
         removed, more = raw
         return int(removed), bool(int(more))
 
+    hooks = keys.webhooks(qk.service)
     return Call(
         "remove",
-        [qk.high, qk.normal, qk.ids, qk.counts, qk.reserved],
+        [
+            qk.high,
+            qk.normal,
+            qk.ids,
+            qk.counts,
+            qk.reserved,
+            keys.sink_queue(qk.service).ids,
+            hooks.stream,
+            hooks.requests,
+        ],
         [qk.queue, mode, group, now_ms, token, *values],
         decode,
     )
@@ -485,7 +546,16 @@ def status(service: str, request_id: str) -> Call[list[Any] | None]:
     qi, qs = keys.input_queue(service), keys.sink_queue(service)
     return Call(
         "status",
-        [qi.high, qi.normal, qi.ids, qs.high, qs.normal, qs.ids],
+        [
+            qi.high,
+            qi.normal,
+            qi.ids,
+            qs.high,
+            qs.normal,
+            qs.ids,
+            keys.running(service),
+            keys.webhooks(service).requests,
+        ],
         [request_id, AHEAD_CAP],
         lambda raw: list(raw) if raw else None,
     )
@@ -605,3 +675,90 @@ def peek(service: str, index: int, *, max_bytes: int) -> Call[tuple[int, bytes] 
         return int(size), bytes(prefix)
 
     return Call("peek", [qs.high, qs.normal], [index, max_bytes], decode)
+
+
+# --- deadlines -------------------------------------------------------------------------------
+
+
+def expire(service: str, *, most: int = 1000) -> Call[int]:
+    """End up to `most` requests whose deadline passed while they waited (terminal 408 results); how many."""
+    qi, qs, hooks = keys.input_queue(service), keys.sink_queue(service), keys.webhooks(service)
+    return Call(
+        "expire",
+        [
+            qi.high,
+            qi.normal,
+            qi.ids,
+            qi.counts,
+            qs.normal,
+            qs.seq,
+            qs.ids,
+            keys.deadlines(service),
+            hooks.stream,
+            hooks.requests,
+        ],
+        [most, EXPIRED_MESSAGE],
+        int,
+    )
+
+
+# --- webhook deliveries (the dispatcher's side) ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryBatch:
+    """What one hook_take found: the deliveries, the stream's newest entry id (to wait after), the next due time."""
+
+    deliveries: list[Delivery]
+    newest: str
+    next_due_ms: int | None
+
+
+def hook_take(service: str, *, consumer: str, want: int, lease_ms: int) -> Call[DeliveryBatch]:
+    hooks = keys.webhooks(service)
+
+    def decode(raw: Any) -> DeliveryBatch:
+        taken, newest, next_due = raw
+        deliveries = [
+            Delivery(service, _text(entry_id), _text(webhook_id), int(attempt), _flat_fields(flat))
+            for entry_id, flat, attempt, webhook_id in taken
+        ]
+        return DeliveryBatch(deliveries, _text(newest), int(float(next_due)) if next_due else None)
+
+    return Call("hook_take", [hooks.stream, hooks.due], [consumer, want, lease_ms], decode)
+
+
+def hook_done(
+    delivery: Delivery,
+    *,
+    consumer: str,
+    outcome: str,
+    next_ms: int = 0,
+    status: int = 0,
+    error: str = "",
+) -> Call[bool]:
+    """Record an attempt: `delivered`, `gone`, `retry` (due at `next_ms`) or `dead`; False when no longer held."""
+    hooks = keys.webhooks(delivery.service)
+    return Call(
+        "hook_done",
+        [hooks.stream, hooks.due, hooks.dead, hooks.requests, hooks.stats],
+        [
+            consumer,
+            delivery.entry_id,
+            outcome,
+            next_ms,
+            delivery.request_id,
+            delivery.state_key,
+            delivery.attempt,
+            status,
+            error[:300],
+            DEAD_LETTERS_KEPT,
+        ],
+        lambda raw: bool(int(raw)),
+    )
+
+
+def hook_revive(service: str, entry_ids: Sequence[str] = (), *, most: int = 1000) -> Call[int]:
+    """Send dead letters again (these, or the oldest `most`), same webhook ids; how many went back."""
+    hooks = keys.webhooks(service)
+    return Call("hook_revive", [hooks.stream, hooks.dead, hooks.requests], [most, *entry_ids], int)

@@ -15,7 +15,7 @@ from redis.crc import key_slot
 
 from queue_service.store import keys, scripts
 from queue_service.store.keys import WORKER_GROUP
-from queue_service.store.model import Item, Outcome, StoreError
+from queue_service.store.model import Delivery, Item, Outcome, StoreError
 
 SERVICES = ["echo", "a", "Model-v2.1_large", "x" * 63]
 
@@ -57,6 +57,10 @@ def every_call(service: str) -> Iterator[scripts.Call[Any]]:
     yield scripts.reconcile(service)
     yield scripts.status(service, "r")
     yield scripts.rate(service, 5)
+    yield scripts.expire(service)
+    yield scripts.hook_take(service, consumer="d", want=1, lease_ms=1)
+    yield scripts.hook_done(Delivery(service, "1-0", "msg_1", 1, {}), consumer="d", outcome="delivered")
+    yield scripts.hook_revive(service)
     yield scripts.holding(service, most=5)
     yield scripts.failures(service, scan=5, message_bytes=10)
     yield scripts.peek(service, 1, max_bytes=10)
@@ -151,6 +155,10 @@ def _exercise_every_script(client: redis.Redis, service: str) -> None:
     attempt(
         scripts.take(service, consumer="w", want=1, lease_ms=0, max_delivery=3, sink_max_items=9, sink_max_bytes=10**6)
     )
+    attempt(scripts.expire(service))
+    attempt(scripts.hook_take(service, consumer="d", want=5, lease_ms=1000))
+    attempt(scripts.hook_done(Delivery(service, "1-0", "msg_1", 1, {}), consumer="d", outcome="dead"))
+    attempt(scripts.hook_revive(service))
     attempt(scripts.holding(service, most=10))
     attempt(scripts.failures(service, scan=10, message_bytes=100))
     attempt(scripts.peek(service, 1, max_bytes=10))

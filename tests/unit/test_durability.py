@@ -112,7 +112,7 @@ def test_a_replicated_result_is_on_the_replica_when_finish_returns(
     _, replica = primary_and_replica
     client = redis.Redis.from_url(replicated_url)
     on_replica = redis.Redis(port=replica.port)
-    worker = WorkerStore(client, "w-1", durability(SERVICES.services))
+    worker = WorkerStore(client, "w-1", durability=durability(SERVICES.services))
     try:
         client.xadd(keys.input_queue("safe").normal, {"data": b"x", "rid": "r-1", "tags": b"{}"}, id="1-0")
         client.hset(keys.counts("safe"), "waiting", 1)
@@ -129,7 +129,7 @@ def test_a_replicated_result_without_a_replica_is_written_once_and_the_wait_is_l
     fresh_redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = redis.Redis.from_url(fresh_redis_url)
-    worker = WorkerStore(client, "w-1", durability(SERVICES.services))
+    worker = WorkerStore(client, "w-1", durability=durability(SERVICES.services))
     try:
         client.xadd(keys.input_queue("safe").normal, {"data": b"x", "rid": "r-1", "tags": b"{}"}, id="1-0")
         client.hset(keys.counts("safe"), "waiting", 1)

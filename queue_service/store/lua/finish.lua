@@ -6,7 +6,11 @@
 --       stream; any key of the service when the answer goes to the sink)
 -- ARGV: consumer, id, held (1|0), mode (sink|reply|none), rid, data, tags_json, ts_ms, message,
 --       status, content_type, queue_wait, processing, reply_ttl_ms, reply_maxlen
--- KEYS[8]: in_seq. Returns {sink index written (0: none), items still waiting, last input index}, so that a
+-- KEYS[8]: in_seq; KEYS[9], KEYS[10]: the webhooks stream and requests hash.
+-- ARGV (webhooks and status): hooks ('' or the item's targets), inline (1|0: the result goes into the
+--       deliveries), put_ms, started_ms, deliveries, index, ending ('' or 'expired')
+-- The `completed` deliveries of an async request are enqueued in this same step: a crash cannot lose them.
+-- Returns {sink index written (0: none), items still waiting, last input index}, so that a
 -- worker that sees none waiting waits for new ones without another take; or -1 when another consumer holds
 -- the item now, -2 when it is gone (removed while held: cancelled, or finished by a worker that took it over).
 local consumer, id, held, mode, rid, data = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], ARGV[5], ARGV[6]
@@ -25,8 +29,13 @@ if mode == 'reply' then
 elseif mode == 'sink' then
   -- A request id the sink knows already (a finish resent after a lost answer, a late resend of the
   -- request) stores nothing: the first result stands, and only what was stored is counted.
-  out, stored = append_item(KEYS[4], KEYS[5], KEYS[6], rid,
-    {'data', data, 'tags', ARGV[7], 'rid', rid, 'ts', ARGV[8], 'message', ARGV[9], 'code', ARGV[10]})
+  local fields = {'data', data, 'tags', ARGV[7], 'rid', rid, 'ts', ARGV[8], 'message', ARGV[9], 'code', ARGV[10],
+    'acc', ARGV[18], 'start', ARGV[19]}
+  if ARGV[22] ~= '' then
+    fields[#fields + 1] = 'end'
+    fields[#fields + 1] = ARGV[22]
+  end
+  out, stored = append_item(KEYS[4], KEYS[5], KEYS[6], rid, fields)
   if stored then
     redis.call('HINCRBY', KEYS[3], 'sink_bytes', #data)
     if not held then redis.call('HINCRBY', KEYS[3], 'sink_used', 1) end
@@ -41,5 +50,19 @@ if held then
   if mode == 'reply' then f['reply'] = '1' end
   -- The room the held item took is now its stored result's; else it is given back.
   remove_item(Q, id, f, nil, ARGV[8], stored)
+end
+if mode ~= 'reply' and ARGV[16] ~= '' and (stored or mode == 'none') then
+  local facts = {'index', ARGV[21], 'sink', tostring(out), 'code', ARGV[10], 'message', ARGV[9], 'tags', ARGV[7],
+    'put', ARGV[18], 'start', ARGV[19], 'deliveries', ARGV[20], 'wait', ARGV[12], 'proc', ARGV[13],
+    'size', tostring(#data), 'rtype', ARGV[11]}
+  if ARGV[22] ~= '' then
+    facts[#facts + 1] = 'end'
+    facts[#facts + 1] = ARGV[22]
+  end
+  if ARGV[17] == '1' then
+    facts[#facts + 1] = 'data'
+    facts[#facts + 1] = data
+  end
+  enqueue_hooks({stream = KEYS[9], requests = KEYS[10]}, ARGV[16], 'completed', rid, ARGV[8], facts)
 end
 return {out, num(redis.call('HGET', KEYS[3], 'waiting')), num(redis.call('GET', KEYS[8]))}

@@ -65,7 +65,10 @@ local function remove_item(Q, id, f, group, now_ms, room_used)
       if Q.high then redis.call('HINCRBY', Q.counts, 'waiting_high', -1) end
     end
   else
-    if f['rid'] then redis.call('HSET', Q.ids, f['rid'], '-' .. now_ms .. ':' .. (f['code'] or '200')) end
+    -- `:<end>` (expired) says how a request ended where its status code alone does not.
+    local ending = ''
+    if f['end'] then ending = ':' .. f['end'] end
+    if f['rid'] then redis.call('HSET', Q.ids, f['rid'], '-' .. now_ms .. ':' .. (f['code'] or '200') .. ending) end
     redis.call('HINCRBY', Q.counts, 'sink_used', -1)
     redis.call('HINCRBY', Q.counts, 'sink_bytes', -#(f['data'] or ''))
   end
@@ -93,4 +96,42 @@ local function ahead_of(streams, i, id, group, cap)
     if ahead >= cap then return ahead end
   end
   return ahead
+end
+
+-- Redis's clock in ms: the one clock deadlines are set and checked by (API and worker hosts' clocks differ).
+local function redis_now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function ms(value)
+  return string.format('%d', value)
+end
+
+-- Webhook deliveries of one event of a request, written in the step that causes the event, so that a crash
+-- cannot lose one. `hooks` is the item's `hooks` field: a JSON list of targets {url ('' = the service's own
+-- webhook), events}; one delivery per target that asked for `event`. H = {stream, requests} (keys.webhooks);
+-- `facts` a flat list field, value, ... copied into each delivery. Returns how many were enqueued.
+local function enqueue_hooks(H, hooks, event, rid, now_ms, facts)
+  if not hooks or hooks == '' then return 0 end
+  local n, state = 0, nil
+  for i, target in ipairs(cjson.decode(hooks)) do
+    for _, wanted in ipairs(target['events'] or {}) do
+      if wanted == event then
+        local fields = {'event', event, 'target', tostring(i), 'url', target['url'] or '', 'rid', rid, 'ts', now_ms}
+        for j = 1, #facts do fields[#fields + 1] = facts[j] end
+        redis.call('XADD', H.stream, '*', unpack(fields))
+        state = state or cjson.decode(redis.call('HGET', H.requests, rid) or '{}')
+        state[event .. '/' .. i] = {state = 'pending', attempts = 0, at = tonumber(now_ms)}
+        n = n + 1
+      end
+    end
+  end
+  if state then redis.call('HSET', H.requests, rid, cjson.encode(state)) end
+  return n
+end
+
+-- The `webhook-id` of a delivery: the same on every attempt, and kept when a dead letter is retried by hand.
+local function webhook_id(entry_id, f)
+  return f['wid'] or ('msg_' .. (f['rid'] or '') .. '_' .. entry_id)
 end

@@ -1,11 +1,20 @@
 -- Put one item: the bound check and the write in one atomic step, so concurrent putters never overshoot.
 -- Input: at most `max_items` waiting (put, not taken by a worker); a sync request (reply channel set) is
 -- refused at once when no worker is live. Sink: at most `max_items` results and `max_bytes` of data.
--- KEYS: stream (the priority or normal stream), seq, ids, counts, workers (live workers; '' unless sync)
+-- An Idempotency-Key seen within its lifetime answers the first put's index and request id, storing nothing.
+-- A request with a TTL carries its deadline (`exp`, Redis's clock) and is listed in the deadlines set.
+-- KEYS: stream (the priority or normal stream), seq, ids, counts, workers (live workers; '' unless sync),
+--       deadlines, idempotency (the key's; any key of the service when there is none)
 -- ARGV: kind (input|sink), data, tags_json, rid, ts_ms, priority (1|0), max_items (0: none),
---       max_bytes (0: none), reply_channel (''), now_s, path (''), content_type ('')
--- Returns the index, or {'full', 'items'|'bytes'}, or {'no-worker'}.
+--       max_bytes (0: none), reply_channel (''), now_s, path (''), content_type (''), ttl_ms (0: none),
+--       hooks ('' or the webhook targets' JSON), idempotent (1|0), idempotency_ttl_s
+-- Returns the index, or {'full', 'items'|'bytes'}, or {'no-worker'}, or {'same', '<index>:<rid>'}.
 local kind, data, rid, priority = ARGV[1], ARGV[2], ARGV[4], ARGV[6] == '1'
+local ttl, hooks, idempotent = tonumber(ARGV[13]) or 0, ARGV[14] or '', ARGV[15] == '1'
+if idempotent then
+  local first = redis.call('GET', KEYS[7])
+  if first then return {'same', first} end
+end
 local max_items, max_bytes, reply = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
 if reply ~= '' and redis.call('ZCOUNT', KEYS[5], ARGV[10], '+inf') == 0 then return {'no-worker'} end
 local counted = 'waiting'
@@ -32,6 +41,16 @@ if ARGV[12] ~= '' then
   fields[#fields + 1] = 'type'
   fields[#fields + 1] = ARGV[12]
 end
+local deadline = 0
+if ttl > 0 then
+  deadline = redis_now_ms() + ttl
+  fields[#fields + 1] = 'exp'
+  fields[#fields + 1] = ms(deadline)
+end
+if hooks ~= '' then
+  fields[#fields + 1] = 'hooks'
+  fields[#fields + 1] = hooks
+end
 local index, stored = append_item(KEYS[1], KEYS[2], KEYS[3], rid, fields)
 if not stored then
   redis.call('HINCRBY', KEYS[4], counted, -1)
@@ -42,4 +61,6 @@ if kind == 'sink' then
 elseif priority then
   redis.call('HINCRBY', KEYS[4], 'waiting_high', 1)
 end
+if deadline > 0 then redis.call('ZADD', KEYS[6], deadline, ms(index)) end
+if idempotent then redis.call('SET', KEYS[7], ms(index) .. ':' .. rid, 'EX', ARGV[16]) end
 return index

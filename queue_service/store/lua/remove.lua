@@ -1,13 +1,18 @@
 -- Remove items: delete, commit, truncate, withdraw, or the items an auto-deleting read has answered.
--- KEYS: high, normal, ids, counts, reserved
+-- KEYS: high, normal, ids, counts, reserved; for 'cancel' also the sink's ids, the webhooks stream and
+--       requests hash (any keys of the service otherwise)
 -- ARGV: kind (input|sink), mode, group ('' or the caller's client group), now_ms, token, values...
 --   'indexes':  these indexes
+--   'cancel':   these input indexes: a request no worker holds ends here (its request id remembers it was
+--               cancelled, 499, and its `completed` webhooks are enqueued); a held one is removed, and its
+--               worker, told at its next lease renewal, writes the terminal answer
 --   'waiting':  these indexes, only while no worker holds them (withdrawing a sync request)
 --   'below':    items below index values[1], at most values[2] of them (truncate, in steps)
 --   'reserved': these indexes, only while `token` reserves them (an auto-deleting read, once answered)
 --   'release':  drop `token`'s reservation of these indexes (the reader's client left before the answer)
 -- Returns {removed, more (1 when 'below' stopped at its step)}.
 local kind, mode, group, now_ms, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local CANCELLED_WAITING = 'cancelled: deleted from the input queue before any worker started it'
 local removed = 0
 
 local function queue(i)
@@ -47,8 +52,15 @@ for j = 6, #ARGV do
     for _, i in ipairs({2, 1}) do
       local f = entry(KEYS[i], id)
       if f then
-        if not (mode == 'waiting' and owner_of(KEYS[i], WORKER_GROUP, id)) then
+        local held = (mode == 'waiting' or mode == 'cancel') and owner_of(KEYS[i], WORKER_GROUP, id)
+        if not (mode == 'waiting' and held) then
           removed = removed + remove_item(queue(i), id, f, group, now_ms)
+        end
+        if mode == 'cancel' and not held and f['rid'] and not f['reply'] then
+          redis.call('HSET', KEYS[6], f['rid'], '-' .. now_ms .. ':499')
+          enqueue_hooks({stream = KEYS[7], requests = KEYS[8]}, f['hooks'], 'completed', f['rid'], now_ms,
+            {'index', index, 'code', '499', 'message', CANCELLED_WAITING, 'tags', f['tags'] or '{}',
+             'put', f['ts'] or '0', 'deliveries', '0', 'size', '0'})
         end
         break
       end

@@ -4,15 +4,26 @@
 -- worker gives it up with a terminal answer instead of running it again.
 -- Back-pressure: a full sink stops intake rather than dropping results. Each new async item takes room in
 -- the sink for its result at once (`sink_used`), so new items are taken only while that room is there.
--- KEYS: high, normal, counts, seq
+-- Deadlines: an item whose deadline (`exp`) has passed comes back marked expired and never runs; the worker
+-- ends it with its terminal answer. Webhooks: each item handed over to run enqueues its `start` deliveries.
+-- KEYS: high, normal, counts, seq, webhooks stream, webhooks requests
 -- ARGV: consumer, want, lease_ms (0: no lapsed items), max_delivery (0: no limit), sink_max_items (0: none),
 --       sink_max_bytes (0: none), restart_guard_ms ('': none)
 -- Returns {sink_full (1|0), last index given out (0 unless nothing was taken), {{stream, id, fields,
---          deliveries, exhausted (1|0)}...}}.
+--          deliveries, ending (0: run it, 1: exhausted, 2: expired)}...}}.
 local consumer, want = ARGV[1], tonumber(ARGV[2])
 local lease, max_delivery = tonumber(ARGV[3]), tonumber(ARGV[4])
 local sink_max, sink_max_bytes = tonumber(ARGV[5]), tonumber(ARGV[6])
 local taken = {}
+local now = nil
+
+-- 2 (expired) when the item's deadline has passed, else `otherwise`.
+local function ending(f, otherwise)
+  if not f['exp'] then return otherwise end
+  now = now or redis_now_ms()
+  if tonumber(f['exp']) <= now then return 2 end
+  return otherwise
+end
 
 if lease > 0 then
   lease = claim_lease(lease, ARGV[7])
@@ -26,7 +37,7 @@ if lease > 0 then
       if #c > 0 and c[1] then
         local exhausted = 0
         if max_delivery > 0 and deliveries >= max_delivery then exhausted = 1 end
-        taken[#taken + 1] = {s, c[1][1], c[1][2], deliveries + 1, exhausted}
+        taken[#taken + 1] = {s, c[1][1], c[1][2], deliveries + 1, ending(fields_of(c[1][2]), exhausted)}
       else
         redis.call('XACK', s, WORKER_GROUP, id) -- the entry itself is gone
       end
@@ -59,16 +70,29 @@ for i = 1, 2 do
   local count = math.min(room - fresh, pool)
   if count > 0 then
     for _, e in ipairs(read_new(KEYS[i], count)) do
-      taken[#taken + 1] = {KEYS[i], e[1], e[2], 1, 0}
+      local f = fields_of(e[2])
+      taken[#taken + 1] = {KEYS[i], e[1], e[2], 1, ending(f, 0)}
       fresh = fresh + 1
       if i == 1 then fresh_high = fresh_high + 1 end
-      if not fields_of(e[2])['reply'] then fresh_async = fresh_async + 1 end
+      if not f['reply'] then fresh_async = fresh_async + 1 end
     end
   end
 end
 if fresh > 0 then redis.call('HINCRBY', KEYS[3], 'waiting', -fresh) end
 if fresh_high > 0 then redis.call('HINCRBY', KEYS[3], 'waiting_high', -fresh_high) end
 if fresh_async > 0 then redis.call('HINCRBY', KEYS[3], 'sink_used', fresh_async) end
+
+local H = {stream = KEYS[5], requests = KEYS[6]}
+for _, t in ipairs(taken) do
+  if t[5] == 0 then
+    local f = fields_of(t[3])
+    if f['hooks'] then
+      now = now or redis_now_ms()
+      enqueue_hooks(H, f['hooks'], 'start', f['rid'] or '', ms(now),
+        {'index', string.match(t[2], '^(%d+)'), 'put', f['ts'] or '0', 'deliveries', tostring(t[4])})
+    end
+  end
+end
 
 local last = 0
 if #taken == 0 then last = num(redis.call('GET', KEYS[4])) end

@@ -15,6 +15,7 @@ from queue_service.client_cli import attrs, get, health, put, watch
 from queue_service.config import ConfigError, ServicesFile, load_services
 from queue_service.embedded_redis import RedisServer, RedisServerError, RedisServerNotFound
 from queue_service.preflight import PreflightError, bind_listener, check_processors, check_redis
+from queue_service.serve import api
 from queue_service.supervisor import SupervisionFailed, Supervisor, UpSettings
 
 WORKER_CLASS = "workers.worker.QueueWorker"
@@ -26,17 +27,8 @@ def worker_command(redis_url: str, service: str) -> list[str]:
 
 
 def api_command(fd: int) -> list[str]:
-    """The API on a socket `up` has bound already (see preflight.bind_listener)."""
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "queue_service.api:create_app",
-        "--factory",
-        "--fd",
-        str(fd),
-        "--no-access-log",
-    ]
+    """The API (`queue-service api`, queue_service/serve.py) on a socket `up` has bound already."""
+    return [sys.executable, "-m", "queue_service.serve", "--fd", str(fd)]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,6 +39,8 @@ def main() -> None:
 # The commands for people and scripts (HTTP clients of the API) live in their own module.
 for command in (put, get, watch, attrs, health):
     main.add_command(command)
+# The API alone: what a container of the API runs (`up` runs it too, on the socket it bound).
+main.add_command(api)
 
 
 @main.command()

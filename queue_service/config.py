@@ -162,6 +162,9 @@ class Settings(BaseSettings):
     body_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
     # API: bytes of item data in one answer (a get, a watch take); always at least one item.
     max_answer_bytes: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
+    # API: `host:port` this process registers for the clients' direct mode (service discovery); "" registers
+    # nothing. `queue-service api` fills it from the address it serves when it is not set.
+    advertise: str = ""
 
     def load_services(self) -> ServicesFile:
         return load_services(self.services)

@@ -24,7 +24,7 @@ from queue_service.store.model import NoLiveWorker
 from queue_service.store.queues import new_request_id
 
 
-async def call(request: Request, call: QueueCall) -> Response:
+async def call(request: Request, call: QueueCall, path: str = "") -> Response:
     app, service = call.app, call.service
     # Keepalive covers the whole request: reading the body and admission count too.
     received_at = getattr(request.state, "received_at", None) or time.monotonic()
@@ -44,6 +44,7 @@ async def call(request: Request, call: QueueCall) -> Response:
                 max_items=service.rpc.max_queue_size,
                 reply_channel=app.channel,
                 request_id=request_id,
+                path=path,
             )
         except NoLiveWorker:
             raise ApiError(503, f"no healthy upstream: no live worker serves service {service.name!r}") from None

@@ -23,14 +23,17 @@ from queue_service.store.model import (
     RELEASED_ONLY_MS,
     REPLY_TTL_MS,
     DataFrame,
+    EndOfStream,
     Finished,
     Item,
     ItemGone,
     NoLiveWorker,
     NotHolder,
     Outcome,
+    QueueEnded,
     QueueFull,
     Read,
+    Refused,
     Reply,
     Taken,
     TooManyGroups,
@@ -52,6 +55,9 @@ NAMES = (
     "join",
     "rate",
     "reconcile",
+    "eos",
+    "negative",
+    "count",
 )
 # How many replies one API process's reply stream keeps (it reads them as they come).
 REPLY_STREAM_MAXLEN = 10_000
@@ -160,6 +166,11 @@ def put(
         if isinstance(raw, list):
             if _text(raw[0]) == "no-worker":
                 raise NoLiveWorker(f"no live worker serves service {qk.service!r}")
+            if _text(raw[0]) == "ended":
+                raise QueueEnded(
+                    f"queue {qk.service}/{qk.queue} has ended (end of stream after index {_text(raw[1])}): "
+                    "it takes no more puts; a truncate past that index reopens it"
+                )
             what = _text(raw[1])
             bound = f"{max_bytes} bytes of results" if what == "bytes" else f"{max_items} {_counted(qk)}"
             raise QueueFull(f"queue {qk.service}/{qk.queue} is full ({bound})")
@@ -167,7 +178,14 @@ def put(
 
     return Call(
         "put",
-        [qk.stream(priority), qk.seq, qk.ids, qk.counts, keys.live_workers(qk.service) if reply_channel else qk.seq],
+        [
+            qk.stream(priority),
+            qk.seq,
+            qk.ids,
+            qk.counts,
+            keys.live_workers(qk.service) if reply_channel else qk.seq,
+            qk.end,
+        ],
         [
             qk.queue,
             data,
@@ -393,6 +411,59 @@ def remove(
         [qk.queue, mode, group, now_ms, token, *values],
         decode,
     )
+
+
+def negative(
+    qk: QueueKeys,
+    indexes: Sequence[int],
+    *,
+    group: str,
+    max_delivery: int,
+    now_ms: int,
+    last_code: int,
+    message: str,
+) -> Call[Refused]:
+    """A client group refuses items it holds: back to the group, or ended past `max_delivery` (negative.lua)."""
+    qs = keys.sink_queue(qk.service)
+
+    def decode(raw: Any) -> Refused:
+        released, ended = raw
+        return Refused(int(released), int(ended))
+
+    return Call(
+        "negative",
+        [qk.high, qk.normal, qk.ids, qk.counts, qs.normal, qs.seq, qs.ids],
+        [qk.queue, group, max_delivery, RELEASE_IDLE_MS, now_ms, last_code, message, *indexes],
+        decode,
+    )
+
+
+def count(qk: QueueKeys, *, priority_only: bool = False, tags: Mapping[str, str] | None = None) -> Call[int]:
+    """Items in the queue (the priority stream only); with `tags`, those matching among the first AHEAD_CAP."""
+    return Call("count", [qk.high, qk.normal], ["1" if priority_only else "0", _tags_json(tags), AHEAD_CAP], int)
+
+
+# --- end of stream ---------------------------------------------------------------------------
+
+
+def end_stream(qk: QueueKeys) -> Call[int]:
+    """End the queue's stream after the last index given out (kept if it has ended already); the end index."""
+    return Call("eos", [qk.high, qk.normal, qk.seq, qk.end], ["end", 0], int)
+
+
+def end_of_stream(qk: QueueKeys) -> Call[EndOfStream | None]:
+    """The queue's end of stream, or None while it is open."""
+
+    def decode(raw: Any) -> EndOfStream | None:
+        index, left = raw
+        return None if int(index) < 0 else EndOfStream(int(index), bool(int(left)))
+
+    return Call("eos", [qk.high, qk.normal, qk.seq, qk.end], ["check", 0], decode)
+
+
+def reopen(qk: QueueKeys, *, below: int) -> Call[bool]:
+    """A truncate removed everything below `below`: past the end, the queue takes puts again. True if it did."""
+    return Call("eos", [qk.high, qk.normal, qk.seq, qk.end], ["lift", below], lambda raw: bool(int(raw)))
 
 
 def search(qk: QueueKeys, index: int, *, group: str) -> Call[tuple[str, bool, int] | None]:

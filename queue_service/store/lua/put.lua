@@ -1,12 +1,16 @@
 -- Put one item: the bound check and the write in one atomic step, so concurrent putters never overshoot.
 -- Input: at most `max_items` waiting (put, not taken by a worker); a sync request (reply channel set) is
 -- refused at once when no worker is live. Sink: at most `max_items` results and `max_bytes` of data.
--- KEYS: stream (the priority or normal stream), seq, ids, counts, workers (live workers; '' unless sync)
+-- A queue whose stream has ended (eos.lua) takes no more puts.
+-- KEYS: stream (the priority or normal stream), seq, ids, counts, workers (live workers; any key unless sync),
+--       end (the queue's end-of-stream marker)
 -- ARGV: kind (input|sink), data, tags_json, rid, ts_ms, priority (1|0), max_items (0: none),
 --       max_bytes (0: none), reply_channel (''), now_s, path ('')
--- Returns the index, or {'full', 'items'|'bytes'}, or {'no-worker'}.
+-- Returns the index, or {'full', 'items'|'bytes'}, or {'no-worker'}, or {'ended', last index before the end}.
 local kind, data, rid, priority = ARGV[1], ARGV[2], ARGV[4], ARGV[6] == '1'
 local max_items, max_bytes, reply = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+local ended = redis.call('GET', KEYS[6])
+if ended then return {'ended', ended} end
 if reply ~= '' and redis.call('ZCOUNT', KEYS[5], ARGV[10], '+inf') == 0 then return {'no-worker'} end
 local counted = 'waiting'
 if kind == 'sink' then counted = 'sink_used' end

@@ -43,6 +43,7 @@ from queue_service.api.context import App, app_of
 from queue_service.api.errors import ApiError, error_response
 from queue_service.api.params import MAX_WINDOW, Params
 from queue_service.api.preamble import QueueCall, find_service, identity
+from queue_service.api.waiters import Waiter
 from queue_service.protocol import END_OF_STREAM_TAG, PROTOBUF_MEDIA_TYPE
 from queue_service.store import keys
 from queue_service.store.keys import QueueKeys, QueueName
@@ -105,6 +106,8 @@ class Watcher:
         self.store = app.store
         self._last_renew = time.monotonic()
         self._end_sent = -1  # the end of stream announced to this consumer (-1: none)
+        self._stopped = False
+        self._waiter: Waiter | None = None
         connection = secrets.token_hex(8)
         # This connection's own consumer in the group (see keys.connection_consumer).
         self.stream_consumer = keys.connection_consumer(request.consumer, connection)
@@ -134,9 +137,10 @@ class Watcher:
         req, qk = self.req, self.req.queue
         waiters = self.app.waiters.of(qk)
         async with waiters.on_queue(qk.queue) as waiter:
+            self._waiter = waiter
             with waiters.in_group(qk.queue, req.group, LEASE_MS, waiter):
                 claim = True  # items left by consumers gone before this one came
-                while True:
+                while not self._stopped:
                     held = 0 if req.auto_commit else await self._held()
                     free = req.window - held
                     if free <= 0:
@@ -163,6 +167,14 @@ class Watcher:
                     claim = waiter.lapsed or not woken
                     waiter.lapsed = False
 
+    def stop(self) -> None:
+        """The connection is gone: deliver nothing more. Beside cancelling the loop's task, because a cancellation
+        that comes as the task is woken can be lost on its way (seen on Python 3.11), and a loop that went on
+        would take items for a client that is gone after they were released."""
+        self._stopped = True
+        if self._waiter is not None:
+            self._waiter.event.set()
+
     async def _at_end(self, send: Callable[[DataFrame], Awaitable[None]]) -> bool:
         """Send the end-of-stream frame once the end is reached; True while the queue is ending (not reached)."""
         end = await self.store.end_of_stream(self.req.queue)
@@ -178,6 +190,8 @@ class Watcher:
         sent: list[int] = []
         try:
             for frame in frames:
+                if self._stopped:
+                    break
                 if self.req.index_only:
                     frame.data = b""
                 await send(frame)
@@ -304,6 +318,7 @@ async def serve(
                 log.log(level, "watch of %s ended: %r", name, problem)
                 failed = True
     finally:
+        watcher.stop()
         for task in (sender, receiver):
             task.cancel()
 

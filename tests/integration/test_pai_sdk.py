@@ -10,6 +10,8 @@ write (queue_service/serve.py); and it polls every 5 s exactly, so idle connecti
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,20 @@ def test_the_pai_sdk_predictors_succeed_on_every_call(
     assert out["slow"] == {"slept": 6}, "AsyncPredictor.predict polling every 5 s"
     assert out["async"] == [True] * ASYNC_CALLS, "AsyncPredictor.predict_async"
     assert out["raw_async"] == [True] * (ASYNC_CALLS // 2), "AsyncPredictor.raw_predict_async"
+
+
+def test_an_idle_connection_is_still_open_when_the_sdk_polls_again_after_five_seconds(
+    api: ApiFactory, pai_services: Path
+) -> None:
+    service = api(pai_services)
+    host, port = service.url.removeprefix("http://").rsplit(":", 1)
+    poll = (
+        b"GET /api/predict/echo/sink?requestId=not-yet&_raw_=false HTTP/1.1\r\n"
+        b"Host: x\r\nAuthorization: " + TOKEN.encode() + b"\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(poll)
+        assert conn.recv(65536).startswith(b"HTTP/1.1 204")
+        time.sleep(6)  # the SDK's 5 s poll interval, and a little: uvicorn's default would have closed it at 5 s
+        conn.sendall(poll)
+        assert conn.recv(65536).startswith(b"HTTP/1.1 204"), "the idle connection was closed"

@@ -180,7 +180,11 @@ def test_up_serves_the_curl_flow_and_ctrl_c_stops_every_process_it_started(up: C
     family = descendants(service.process.pid)
     kinds = {
         kind: [pid for pid, command in family.items() if needle in command]
-        for kind, needle in (("redis-server", "redis-server"), ("api", "queue_service.serve"), ("rq worker", "rq.cli worker"))
+        for kind, needle in (
+            ("redis-server", "redis-server"),
+            ("api", "queue_service.serve"),
+            ("rq worker", "rq.cli worker"),
+        )
     }
     assert all(len(pids) == 1 for pids in kinds.values()), f"{kinds} in {family}"
 

@@ -74,8 +74,8 @@ async def attributes(request: Request, call: QueueCall) -> Response:
     verdict = readiness(service, inputs, sink)
     workers = state.live_workers
     bound = service.rpc.max_queue_size if call.queue == "input" else service.queue.sink.max_length
-    groups, consumers = await store.consumers(call.qk)
-    connected = str(sum(row.connected for row in consumers))
+    consumers = await store.consumers(call.qk)
+    connected = str(consumers.connected)
     attrs = {
         "meta.name": service.name if call.queue == "input" else f"{service.name}/sink",
         "meta.backend": BACKEND,
@@ -92,9 +92,9 @@ async def attributes(request: Request, call: QueueCall) -> Response:
         # The platform's docs name it `stats`, the Go client `status`: both, the same count.
         "consumers.stats.total": connected,
         "consumers.status.total": connected,
-        "groups.list": ",".join(groups),
+        "groups.list": ",".join(consumers.groups),
     }
-    attrs |= {f"consumers.list.[{i}]": consumer_row(row) for i, row in enumerate(consumers)}
+    attrs |= {f"consumers.list.[{i}]": consumer_row(row) for i, row in enumerate(consumers.rows)}
     end = await store.end_of_stream(call.qk)
     if end is not None:
         attrs["stream.eos"] = str(end.index)

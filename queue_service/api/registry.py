@@ -22,9 +22,11 @@ from queue_service.store.queues import QueueStore
 
 log = logging.getLogger("queue_service.api.registry")
 
-HEARTBEAT_SECONDS = 2.0
+HEARTBEAT_SECONDS = 3.0
 # A process that stopped heartbeating is out of the discovery answer this long after its last heartbeat.
-LIVENESS_SECONDS = 6.0
+LIVENESS_SECONDS = 10.0
+# Every this many heartbeats, processes gone a while are dropped from the lists too.
+PRUNE_EVERY = 20
 # Every replica gets the same share: the clients balance by weighted round robin.
 WEIGHT = 100
 
@@ -37,14 +39,17 @@ class ApiRegistry:
         self.services = services
         self.member = f"{address}/{channel}"
         self._task: asyncio.Task[None] | None = None
+        self._beats = 0
 
     async def start(self) -> None:
         await self._beat()
         self._task = asyncio.create_task(self._run(), name="api-registry")
 
     async def _beat(self) -> None:
+        self._beats += 1
         try:
-            await self.store.heartbeat_api(self.services, self.member, LIVENESS_SECONDS)
+            prune = self._beats % PRUNE_EVERY == 1
+            await self.store.heartbeat_api(self.services, self.member, LIVENESS_SECONDS, prune=prune)
         except redis.exceptions.RedisError as exc:  # Redis is away: /readyz says so; the next beat retries
             log.debug("api heartbeat: %s", exc)
 

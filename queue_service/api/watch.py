@@ -47,7 +47,7 @@ from queue_service.api.waiters import Waiter
 from queue_service.protocol import END_OF_STREAM_TAG, PROTOBUF_MEDIA_TYPE
 from queue_service.store import keys
 from queue_service.store.keys import QueueKeys, QueueName
-from queue_service.store.model import DataFrame, TooManyGroups, WatchConsumer
+from queue_service.store.model import DataFrame, EndOfStream, TooManyGroups, WatchConsumer
 from queue_service.store.queues import now_ms
 from queue_service.wire import encode_frame
 
@@ -146,7 +146,7 @@ class Watcher:
                     if free <= 0:
                         await waiter.wait(FULL_WINDOW_RECHECK_SECONDS)
                         continue
-                    frames = await self.store.deliver(
+                    delivery = await self.store.watch_delivery(
                         qk,
                         group=req.group,
                         consumer=self.stream_consumer,
@@ -154,15 +154,16 @@ class Watcher:
                         lease_ms=LEASE_MS if claim else 0,
                         tags=req.tags,
                         max_bytes=self.app.settings.max_answer_bytes,
+                        watch_end=True,
                     )
-                    if frames is None:  # the group was replaced while idle: come back as a new consumer
+                    if delivery is None:  # the group was replaced while idle: come back as a new consumer
                         await self.join()
                         continue
-                    if frames:
-                        await self._send_all(frames, send)
+                    if delivery.frames:
+                        await self._send_all(delivery.frames, send)
                         claim = False
                         continue
-                    ending = await self._at_end(send)
+                    ending = await self._at_end(delivery.end, send)
                     woken = await waiter.wait(ENDING_RECHECK_SECONDS if ending else IDLE_RECHECK_SECONDS)
                     claim = waiter.lapsed or not woken
                     waiter.lapsed = False
@@ -175,9 +176,8 @@ class Watcher:
         if self._waiter is not None:
             self._waiter.event.set()
 
-    async def _at_end(self, send: Callable[[DataFrame], Awaitable[None]]) -> bool:
+    async def _at_end(self, end: EndOfStream | None, send: Callable[[DataFrame], Awaitable[None]]) -> bool:
         """Send the end-of-stream frame once the end is reached; True while the queue is ending (not reached)."""
-        end = await self.store.end_of_stream(self.req.queue)
         if end is None:
             return False
         if end.reached and end.index != self._end_sent:

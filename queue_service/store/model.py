@@ -183,6 +183,14 @@ class EndOfStream:
 
 
 @dataclass(frozen=True, slots=True)
+class Delivery:
+    """What one delivery to a watch consumer found: the frames, and (asked for, nothing delivered) the end."""
+
+    frames: list[DataFrame]
+    end: EndOfStream | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Refused:
     """What a negative commit did: items back to their group, and items that ended (delivered too often)."""
 
@@ -212,12 +220,20 @@ class WatchConsumer:
     def left(self, at_ms: int) -> WatchConsumer:
         return replace(self, left_ms=at_ms)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+    def to_row(self) -> str:
+        """`<api>|<left ms>|<JSON>`: whether it is connected can be told without parsing the JSON."""
+        return f"{self.api}|{self.left_ms}|{json.dumps(asdict(self), separators=(',', ':'))}"
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> WatchConsumer:
-        return cls(**json.loads(raw))
+    def from_row(cls, raw: bytes | str) -> WatchConsumer:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        return cls(**json.loads(text.split("|", 2)[2]))
+
+    @staticmethod
+    def row_state(raw: bytes) -> tuple[str, int]:
+        """(its API process's channel, when it left: 0 while connected) of a row, without parsing it."""
+        api, left, _ = raw.split(b"|", 2)
+        return api.decode(), int(left)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,9 +242,18 @@ class ConsumerRow:
 
     consumer: WatchConsumer
     pending: int
-    idle_ms: int
+    idle_ms: int  # since it left; while connected, since it came
     delivered_index: int  # the last index delivered to its group
     connected: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Consumers:
+    """A queue's client groups, its consumers (connected first, at most so many), and how many are connected."""
+
+    groups: list[str]
+    rows: list[ConsumerRow]
+    connected: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,9 @@ from queue_service.store import keys, scripts
 from queue_service.store.keys import WORKER_GROUP, QueueKeys, QueueName
 from queue_service.store.model import (
     ConsumerRow,
+    Consumers,
     DataFrame,
+    Delivery,
     EndOfStream,
     Position,
     PutResult,
@@ -33,8 +35,10 @@ from queue_service.store.model import (
 TRUNCATE_STEP = 1000
 # An API process whose heartbeat lapsed this long ago is dropped from the service's list of API processes.
 API_FORGET_SECONDS = 60.0
-# A watch consumer's row is kept this long after it was last seen (the attributes show it as gone meanwhile).
+# A watch consumer's row is kept this long after it was last seen (the attributes show it as gone meanwhile),
+# and rows are looked through for such only once there are this many.
 CONSUMER_FORGET_MS = 3_600_000
+CONSUMER_ROWS_BEFORE_PRUNING = 256
 
 
 def new_request_id() -> str:
@@ -278,13 +282,15 @@ class QueueStore:
 
     # --- API processes (the clients' direct mode) and watch consumers, for the attributes ------
 
-    async def heartbeat_api(self, services: Sequence[str], member: str, ttl: float) -> None:
-        """Count this API process (`<host:port>/<channel>`) live for each service for the next `ttl` seconds."""
+    async def heartbeat_api(self, services: Sequence[str], member: str, ttl: float, *, prune: bool = False) -> None:
+        """Count this API process (`<host:port>/<channel>`) live for each service for the next `ttl` seconds;
+        `prune` also drops processes whose heartbeat lapsed a while ago."""
         now = time.time()
         async with self.redis.pipeline(transaction=False) as pipe:
             for service in services:
                 pipe.zadd(keys.api_processes(service), {member: now + ttl})
-                pipe.zremrangebyscore(keys.api_processes(service), "-inf", now - API_FORGET_SECONDS)
+                if prune:
+                    pipe.zremrangebyscore(keys.api_processes(service), "-inf", now - API_FORGET_SECONDS)
             await pipe.execute()
 
     async def leave_api(self, services: Sequence[str], member: str) -> None:
@@ -299,30 +305,36 @@ class QueueStore:
         return [_text(member) for member in members]
 
     async def consumer_joined(self, qk: QueueKeys, consumer: WatchConsumer) -> None:
-        """Record a watch consumer for the attributes (`consumers.list`); rows of consumers long gone are dropped."""
-        rows = await self.redis.hgetall(qk.consumers)
+        """Record a watch consumer for the attributes (`consumers.list`); once the rows are many, those of consumers
+        long gone are dropped."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(qk.consumers, consumer.name, consumer.to_row())
+            pipe.hlen(qk.consumers)
+            _, rows = await pipe.execute()
+        # Looked through only now and then: every so many joins once the rows are many.
+        if int(rows) > CONSUMER_ROWS_BEFORE_PRUNING and int(rows) % CONSUMER_ROWS_BEFORE_PRUNING == 0:
+            await self._forget_gone_consumers(qk)
+
+    async def _forget_gone_consumers(self, qk: QueueKeys) -> None:
         live = {member.rpartition("/")[2] for member in await self.live_apis(qk.service)}
         oldest_kept = now_ms() - CONSUMER_FORGET_MS
         stale = []
-        for name, raw in rows.items():
-            row = WatchConsumer.from_json(raw)
+        for name, raw in (await self.redis.hgetall(qk.consumers)).items():
+            row = WatchConsumer.from_row(raw)
             # Gone long ago: closed, or its API process died (the row never heard the close).
             last_seen = row.left_ms or (row.since_ms if row.api not in live else now_ms())
             if last_seen < oldest_kept:
                 stale.append(name)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            if stale:
-                pipe.hdel(qk.consumers, *stale)
-            pipe.hset(qk.consumers, consumer.name, consumer.to_json())
-            await pipe.execute()
+        if stale:
+            await self.redis.hdel(qk.consumers, *stale)
 
     async def consumer_left(self, qk: QueueKeys, consumer: WatchConsumer) -> None:
         """The watch's connection closed; a newer connection of the same consumer keeps its row as it is."""
         raw = await self.redis.hget(qk.consumers, consumer.name)
-        if raw is not None and WatchConsumer.from_json(raw).connection == consumer.connection:
-            await self.redis.hset(qk.consumers, consumer.name, consumer.left(now_ms()).to_json())
+        if raw is not None and WatchConsumer.from_row(raw).connection == consumer.connection:
+            await self.redis.hset(qk.consumers, consumer.name, consumer.left(now_ms()).to_row())
 
-    async def consumers(self, qk: QueueKeys, *, most: int = 100) -> tuple[list[str], list[ConsumerRow]]:
+    async def consumers(self, qk: QueueKeys, *, most: int = 100) -> Consumers:
         """The queue's client groups, and its consumers as they stand: watch consumers (from their rows and their
         groups' pending entries) and, for the input queue, the live workers."""
         client_groups = [_text(g) for g in await self.redis.zrange(qk.groups, 0, -1)]
@@ -337,37 +349,42 @@ class QueueStore:
             pipe.zrangebyscore(keys.api_processes(qk.service), time.time(), "+inf")
             for group in groups:
                 for stream in qk.streams:
-                    pipe.xinfo_consumers(stream, group)
+                    # The summary lists only the consumers that hold something: cheap however many there are.
+                    pipe.xpending(stream, group)
             for stream in qk.streams:
                 pipe.xinfo_groups(stream)
             answers = await pipe.execute(raise_on_error=False)
         rows_raw, apis, *per_group = answers
-        infos, group_infos = per_group[: 2 * len(groups)], per_group[2 * len(groups) :]
+        summaries, group_infos = per_group[: 2 * len(groups)], per_group[2 * len(groups) :]
         pending: dict[str, int] = {}
-        idle: dict[str, int] = {}
         for i, group in enumerate(groups):
-            for answer in infos[2 * i : 2 * i + 2]:
-                for consumer in answer if isinstance(answer, list) else []:
-                    name = f"{group}.{keys.consumer_id_of(_text(consumer['name']))}"
-                    pending[name] = pending.get(name, 0) + int(consumer["pending"])
-                    idle[name] = min(idle.get(name, 1 << 62), int(consumer["idle"]))
+            for summary in summaries[2 * i : 2 * i + 2]:
+                for holder in summary.get("consumers", []) if isinstance(summary, dict) else []:
+                    name = f"{group}.{keys.consumer_id_of(_text(holder['name']))}"
+                    pending[name] = pending.get(name, 0) + int(holder["pending"])
         delivered: dict[str, int] = {}
         for answer in group_infos:
             for info in answer if isinstance(answer, list) else []:
                 index = keys.index_of(info["last-delivered-id"])
                 delivered[_text(info["name"])] = max(delivered.get(_text(info["name"]), 0), index)
         live_channels = {_text(member).rpartition("/")[2] for member in (apis if isinstance(apis, list) else [])}
+        # Told from each row's prefix, so that only the rows shown are parsed, however many consumers there are.
+        states = []
+        for name, raw in (rows_raw if isinstance(rows_raw, dict) else {}).items():
+            api, left_ms = WatchConsumer.row_state(raw)
+            states.append((not (left_ms == 0 and api in live_channels), _text(name), raw))
+        states.sort()
+        connected_rows = sum(not gone for gone, _, _ in states)
         rows: list[ConsumerRow] = []
-        for raw in (rows_raw if isinstance(rows_raw, dict) else {}).values():
-            consumer = WatchConsumer.from_json(raw)
-            connected = consumer.left_ms == 0 and consumer.api in live_channels
+        for gone, _name, raw in states[:most]:
+            consumer = WatchConsumer.from_row(raw)
             rows.append(
                 ConsumerRow(
                     consumer=consumer,
                     pending=pending.get(consumer.name, 0),
-                    idle_ms=idle.get(consumer.name, max(0, now_ms() - (consumer.left_ms or consumer.since_ms))),
+                    idle_ms=max(0, now_ms() - (consumer.left_ms or consumer.since_ms)),
                     delivered_index=delivered.get(consumer.group, 0),
-                    connected=connected,
+                    connected=not gone,
                 )
             )
         for worker in workers:
@@ -377,13 +394,13 @@ class QueueStore:
                 ConsumerRow(
                     consumer=consumer,
                     pending=pending.get(name, 0),
-                    idle_ms=idle.get(name, 0),
+                    idle_ms=0,
                     delivered_index=delivered.get(WORKER_GROUP, 0),
                     connected=True,
                 )
             )
         rows.sort(key=lambda row: (not row.connected, row.consumer.name))
-        return client_groups, rows[:most]
+        return Consumers(client_groups, rows[:most], connected_rows + len(workers))
 
     # --- watches -------------------------------------------------------------------------
 
@@ -402,8 +419,33 @@ class QueueStore:
         tags: Mapping[str, str] | None,
         max_bytes: int,
     ) -> list[DataFrame] | None:
-        call = scripts.deliver(
+        delivery = await self.watch_delivery(
             qk, group=group, consumer=consumer, want=want, lease_ms=lease_ms, tags=tags, max_bytes=max_bytes
+        )
+        return None if delivery is None else delivery.frames
+
+    async def watch_delivery(
+        self,
+        qk: QueueKeys,
+        *,
+        group: str,
+        consumer: str,
+        want: int,
+        lease_ms: int,
+        tags: Mapping[str, str] | None,
+        max_bytes: int,
+        watch_end: bool = False,
+    ) -> Delivery | None:
+        """A delivery to a watch consumer; with `watch_end`, one of nothing also tells the end of stream."""
+        call = scripts.deliver(
+            qk,
+            group=group,
+            consumer=consumer,
+            want=want,
+            lease_ms=lease_ms,
+            tags=tags,
+            max_bytes=max_bytes,
+            watch_end=watch_end,
         )
         return await self.scripts.run_async(call)
 

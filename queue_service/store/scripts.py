@@ -23,6 +23,7 @@ from queue_service.store.model import (
     RELEASED_ONLY_MS,
     REPLY_TTL_MS,
     DataFrame,
+    Delivery,
     EndOfStream,
     Finished,
     Item,
@@ -514,18 +515,33 @@ def deliver(
     lease_ms: int,
     tags: Mapping[str, str] | None,
     max_bytes: int,
-) -> Call[list[DataFrame] | None]:
-    """Up to `want` items for a watch consumer (lapsed ones of its group first when `lease_ms` > 0); None: no group."""
+    watch_end: bool = False,
+) -> Call[Delivery | None]:
+    """Up to `want` items for a watch consumer (lapsed ones of its group first when `lease_ms` > 0); None: no group.
+    With `watch_end`, a delivery of nothing also tells the queue's end of stream."""
 
-    def decode(raw: Any) -> list[DataFrame] | None:
+    def decode(raw: Any) -> Delivery | None:
         if _text(raw[0]) == "nogroup":
             return None
-        return [frame_from_entry(entry_id, flat) for _stream, entry_id, flat in raw[1]]
+        frames = [frame_from_entry(entry_id, flat) for _stream, entry_id, flat in raw[1]]
+        end = None
+        if len(raw) > 2 and int(raw[2]) >= 0:
+            end = EndOfStream(int(raw[2]), bool(int(raw[3])))
+        return Delivery(frames, end)
 
     return Call(
         "deliver",
-        [qk.high, qk.normal],
-        [group, consumer, want, lease_ms, RELEASED_ONLY_MS if lease_ms else "", _tags_json(tags), max_bytes],
+        [qk.high, qk.normal, qk.end],
+        [
+            group,
+            consumer,
+            want,
+            lease_ms,
+            RELEASED_ONLY_MS if lease_ms else "",
+            _tags_json(tags),
+            max_bytes,
+            "1" if watch_end else "0",
+        ],
         decode,
     )
 

@@ -5,6 +5,7 @@ On a real Redis, each ending with the counters recounted from the streams (`asse
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -195,13 +196,29 @@ async def test_count_counts_both_streams_the_priority_one_or_a_tag(store: QueueS
     assert await store.count(IN, tags={"team": "blue"}) == 1
 
 
-async def test_join_drops_a_groups_idle_consumers_that_hold_nothing(store: QueueStore, client: redis.Redis) -> None:
+async def test_a_watch_connection_that_leaves_holding_nothing_leaves_no_consumer_behind(
+    store: QueueStore, client: redis.Redis
+) -> None:
     await put(store, SINK, 2)
     await deliver(store, SINK, "holds-one", want=1)
-    await deliver(store, SINK, "holds-none", want=1)
-    await store.remove(SINK, [2], group="eas")  # committed
-    names = {c["name"] for c in client.xinfo_consumers(SINK.normal, "eas")}
-    assert names == {b"holds-one", b"holds-none"}
+    await deliver(store, SINK, "committed-all", want=1)
+    await store.remove(SINK, [2], group="eas")
+
+    for consumer in ("holds-one", "committed-all"):
+        await store.held(SINK, group="eas", consumer=consumer, mode="release", most=10)
+
+    # The one that held an item keeps it (released: claimable by another consumer at once).
+    assert {c["name"] for c in client.xinfo_consumers(SINK.normal, "eas")} == {b"holds-one"}
+
+
+async def test_join_drops_idle_consumers_holding_nothing_once_a_group_has_many(
+    store: QueueStore, client: redis.Redis
+) -> None:
+    await put(store, SINK, 1)
+    await deliver(store, SINK, "holds-one", want=1)
+    for n in range(70):  # consumers an API that died left behind, holding nothing
+        client.xgroup_createconsumer(SINK.normal, "eas", f"left-{n}")
+    time.sleep(0.01)  # idle longer than the 0 ms this join allows
 
     await store.join(SINK, "eas", start_index=0, max_groups=4, idle_ms=0)
 

@@ -23,7 +23,7 @@ from tests.support.eas import run_pai
 pytestmark = pytest.mark.integration
 
 TOKEN = "pai-sdk-token-77a0"
-ASYNC_CALLS = 40
+ASYNC_CALLS = 24
 
 SDK = """
 import asyncio, json, sys

@@ -57,6 +57,7 @@ async def end_stream(request: Request, queue: QueueName) -> Response:
     if not call.params.flag("_eos_"):
         raise ApiError(400, "_eos_ must be true to end the stream (a put carries no _eos_)")
     end = await call.app.store.end_stream(call.qk, force=call.params.flag("_force_"))
+    call.app.waiters.of(call.qk).ended(queue)
     return PlainTextResponse(str(end))
 
 

@@ -168,6 +168,14 @@ class ServiceWaiters:
             for waiter in entry.waiters:
                 waiter.event.set()
 
+    def ended(self, queue: QueueName) -> None:
+        """The queue's stream ended through this process: its watches look now (another process's end is seen at
+        their next look: at once once nothing is left, else within a second)."""
+        entry = self.queues.get(queue)
+        if entry is not None:
+            for waiter in entry.waiters:
+                waiter.event.set()
+
     def released(self, queue: QueueName, group: str) -> None:
         """A negative commit through this process: watches of that group may claim the refused items now."""
         entry = self.groups.get((queue, group))

@@ -151,10 +151,18 @@ def test_java_forced_end_of_stream_drops_what_is_left_and_watchers_see_the_end_a
         assert ended.status_code == 200, ended.text
         attrs = http.get(queue, params={"_attrs_": "true"}, headers=identity()).json()
         assert attrs["stream.length"] == "0", "a forced end removes what is left"
+        assert http.post(queue, content=b"x", headers=identity()).status_code == 400
         with ws_watch(served, queue, "late", _index_="0", _window_="5", _auto_commit_="false") as ws:
             [end] = receive(ws, 1, timeout=5)
         assert end.tags == {END_OF_STREAM_TAG: "true"}
-        assert http.post(queue, content=b"x", headers=identity()).status_code == 400
+        # A watcher idle before the end hears of it at once too (not at its next look, 30 s on).
+        http.delete(f"{queue}?_index_={int(ended.text) + 1}&_trunc_=true", headers=identity())
+        with ws_watch(served, queue, "idle", _index_="0", _window_="5", _auto_commit_="false") as ws:
+            with pytest.raises(TimeoutError):
+                ws.recv(timeout=1)  # open, nothing to deliver
+            assert http.post(f"{queue}?_eos_=true", headers=identity()).status_code == 200
+            [end] = receive(ws, 1, timeout=5)
+        assert end.tags == {END_OF_STREAM_TAG: "true"}
     assert_counts_true(sync_redis, "idle")
 
 

@@ -17,6 +17,7 @@ from queue_service.client_cli import attrs, get, health, put, watch
 from queue_service.config import ConfigError, ServiceConfig, ServicesFile, load_services
 from queue_service.embedded_redis import RedisServer, RedisServerError, RedisServerNotFound
 from queue_service.preflight import PreflightError, bind_listener, check_processors, check_redis
+from queue_service.serve import api
 from queue_service.supervisor import SupervisionFailed, Supervisor, UpSettings
 from queue_service.webhooks.commands import webhooks
 
@@ -34,20 +35,9 @@ def worker_command(service: str) -> list[str]:
     return [sys.executable, "-m", "rq.cli", "worker", "-w", WORKER_CLASS, "-c", RQ_SETTINGS, service]
 
 
-def api_command(fd: int, processes: int = 1) -> list[str]:
-    """The API on a socket `up` has bound already (see preflight.bind_listener); `processes` > 1 runs that many
-    uvicorn workers on it (uvicorn's own supervisor restarts one that dies)."""
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "queue_service.api:create_app",
-        "--factory",
-        "--fd",
-        str(fd),
-        "--no-access-log",
-        *(["--workers", str(processes)] if processes > 1 else []),
-    ]
+def api_command(fd: int) -> list[str]:
+    """The API (`queue-service api`, queue_service/serve.py) on a socket `up` has bound already."""
+    return [sys.executable, "-m", "queue_service.serve", "--fd", str(fd)]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,6 +54,10 @@ main.add_command(webhooks)
 def dispatcher_command() -> list[str]:
     """The webhook dispatcher (`queue-service webhooks`); its settings come from the environment `up` sets."""
     return [sys.executable, "-m", "queue_service.cli", "webhooks"]
+
+
+# The API alone: what a container of the API runs (`up` runs it too, on the socket it bound).
+main.add_command(api)
 
 
 @main.command()
@@ -165,7 +159,7 @@ def up(
     supervisor = Supervisor(env, settings, say=lambda line: click.echo(line, err=True))
     failure: SupervisionFailed | None = None
     try:
-        supervisor.start_api(api_command(listener.fileno(), api_processes), pass_fds=[listener.fileno()])
+        supervisor.start_api(api_command(listener.fileno()), pass_fds=[listener.fileno()], count=api_processes)
         # The API holds the socket now; this process must not keep the port once the API is gone.
         listener.close()
         for service in services.services:

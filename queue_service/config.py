@@ -317,6 +317,9 @@ class Settings(BaseSettings):
     # Webhooks: the API's address as receivers reach it, for the link to a result too large for a payload
     # (webhook.max_result_bytes); empty: the link is a path only.
     public_url: str = ""
+    # API: `host:port` this process registers for the clients' direct mode (service discovery); "" registers
+    # nothing. `queue-service api` fills it from the address it serves when it is not set.
+    advertise: str = ""
 
     def load_services(self) -> ServicesFile:
         return load_services(self.services)

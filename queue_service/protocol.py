@@ -11,6 +11,11 @@ LAST_CODE_HEADER = "X-Eas-Queueservice-Last-Code"
 UID_HEADER = "X-EAS-QueueService-Redis-Uid"
 GID_HEADER = "X-EAS-QueueService-Redis-Gid"
 PRIORITY_PARAMETER = "_priority_"
+# The header `meta.header.priority` names: the Go client sends priority only there, the Java client there too.
+# Without underscores: proxies such as nginx drop headers with underscores by default.
+PRIORITY_HEADER = "X-EAS-QueueService-Priority"
+# The tag of the frame a watch sends at the end of the stream (`_x_` names are never a client's tags).
+END_OF_STREAM_TAG = "_eos_"
 PROTOBUF_MEDIA_TYPE = "application/vnd.google.protobuf"
 
 # The official clients' consumer group when they name none.

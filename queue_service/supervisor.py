@@ -75,11 +75,13 @@ class Supervisor:
     env: Mapping[str, str]
     settings: UpSettings
     say: Callable[[str], None]
-    api: subprocess.Popen[bytes] | None = None
+    apis: list[subprocess.Popen[bytes]] = field(default_factory=list)
     slots: list[WorkerSlot] = field(default_factory=list)
 
-    def start_api(self, argv: Sequence[str], pass_fds: Sequence[int] = ()) -> None:
-        self.api = subprocess.Popen(list(argv), env=dict(self.env), pass_fds=tuple(pass_fds))
+    def start_api(self, argv: Sequence[str], pass_fds: Sequence[int] = (), count: int = 1) -> None:
+        """`count` API processes on one listening socket (passed down as a descriptor): the kernel spreads the
+        connections over them, as uvicorn's own workers share one socket."""
+        self.apis = [subprocess.Popen(list(argv), env=dict(self.env), pass_fds=tuple(pass_fds)) for _ in range(count)]
 
     def add_workers(self, service: str, argv: Sequence[str], count: int) -> None:
         for _ in range(count):
@@ -97,8 +99,9 @@ class Supervisor:
             time.sleep(POLL_SECONDS)
             if stopping():
                 return
-            if self.api is not None and self.api.poll() is not None:
-                raise SupervisionFailed(f"the API {describe_exit(self.api.returncode)}; stopped everything")
+            for api in self.apis:
+                if api.poll() is not None:
+                    raise SupervisionFailed(f"the API {describe_exit(api.returncode)}; stopped everything")
             now = time.monotonic()
             for slot in self.slots:
                 if slot.process is None:
@@ -127,7 +130,7 @@ class Supervisor:
 
     def processes(self) -> list[subprocess.Popen[bytes]]:
         workers = [slot.process for slot in self.slots if slot.process is not None]
-        return [*workers, *([self.api] if self.api is not None else [])]
+        return [*workers, *self.apis]
 
     def stop_all(self, grace: float = STOP_GRACE_SECONDS, redis_server: RedisServer | None = None) -> None:
         """SIGTERM everyone (workers finish the item in hand), then SIGKILL what is left after `grace`.

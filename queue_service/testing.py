@@ -165,9 +165,12 @@ def spawn_api(
     app: str = API_APP,
     log_dir: str | Path | None = None,
 ) -> tuple[ManagedProcess, str]:
-    """Run an ASGI app factory (the API by default) under uvicorn on 127.0.0.1; its base URL. Not waited for."""
+    """Run an ASGI app factory (the API by default) as `queue-service api` does, on 127.0.0.1; its base URL.
+
+    Not waited for. The API's serving settings (keep-alive, one write per small answer) are queue_service/serve.py's.
+    """
     port = port or free_port()
-    argv = [sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1", "--port", str(port)]
+    argv = [sys.executable, "-m", "queue_service.serve", "--host", "127.0.0.1", "--port", str(port), "--app", app]
     product_env = _product_env(redis_url, services_file, env) if services_file is not None else dict(env or {})
     process = ManagedProcess(argv, name=f"api-{port}", env=product_env, log_dir=log_dir)
     return process, f"http://127.0.0.1:{port}"

@@ -27,13 +27,14 @@ from queue_service.api.context import App
 from queue_service.api.deadlines import DeadlineSweeper
 from queue_service.api.errors import ApiError, error_response
 from queue_service.api.metrics import Metrics
+from queue_service.api.registry import ApiRegistry
 from queue_service.api.request_log import RequestLog
 from queue_service.api.waiters import BLOCK_MS
 from queue_service.config import ServicesFile, Settings
 from queue_service.logs import configure_logging
 from queue_service.protocol import QUEUE_FULL, REQUEST_ID_HEADER, TOO_MANY_REQUESTS
 from queue_service.store import connection
-from queue_service.store.model import NoLiveWorker, NotReplicated, QueueFull, TooManyGroups
+from queue_service.store.model import NoLiveWorker, NotReplicated, QueueEnded, QueueFull, TooManyGroups
 
 log = logging.getLogger("queue_service.api")
 
@@ -61,6 +62,10 @@ async def on_validation_error(request: Request, exc: Exception) -> Response:
 async def on_queue_full(request: Request, exc: Exception) -> Response:
     # One mapping for both paths: an async put and a sync request compete for the same bound.
     return error_response(QUEUE_FULL, str(exc))
+
+
+async def on_queue_ended(request: Request, exc: Exception) -> Response:
+    return error_response(400, str(exc))
 
 
 async def on_no_worker(request: Request, exc: Exception) -> Response:
@@ -141,9 +146,12 @@ def create_app(
         answer_counts.start()
         sweeper = DeadlineSweeper(state.store, services)
         sweeper.start()
+        registry = ApiRegistry(state.store, list(services.by_name), settings.advertise, state.channel)
+        await registry.start()
         try:
             yield
         finally:
+            await registry.close()
             await sweeper.stop()
             await answer_counts.stop()
             await state.waiters.close()
@@ -165,6 +173,7 @@ def create_app(
     openapi.install(app)
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(QueueFull, on_queue_full)
+    app.add_exception_handler(QueueEnded, on_queue_ended)
     app.add_exception_handler(NoLiveWorker, on_no_worker)
     app.add_exception_handler(TooManyGroups, on_too_many_groups)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -12,13 +12,17 @@ from starlette.responses import JSONResponse, Response
 
 from queue_service.api.errors import ApiError
 from queue_service.api.preamble import QueueCall, identity
+from queue_service.api.watch import GROUP_IDLE_MS
 from queue_service.config import ServiceConfig
-from queue_service.protocol import GID_HEADER, PROTOBUF_MEDIA_TYPE, UID_HEADER
+from queue_service.protocol import GID_HEADER, PRIORITY_HEADER, PROTOBUF_MEDIA_TYPE, UID_HEADER
 from queue_service.store import keys
 from queue_service.store.keys import WORKER_GROUP
-from queue_service.store.model import QueueState, ended_state
+from queue_service.store.model import ConsumerRow, QueueState, ended_state
 from queue_service.store.queues import QueueStore, RequestState
 from queue_service.wire import encode_attributes, wants_protobuf
+
+# What `meta.backend` says (the Go client lists it among the keys a queue service must provide).
+BACKEND = "redis"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,20 +74,30 @@ async def attributes(request: Request, call: QueueCall) -> Response:
     verdict = readiness(service, inputs, sink)
     workers = state.live_workers
     bound = service.rpc.max_queue_size if call.queue == "input" else service.queue.sink.max_length
+    consumers = await store.consumers(call.qk)
+    connected = str(consumers.connected)
     attrs = {
         "meta.name": service.name if call.queue == "input" else f"{service.name}/sink",
+        "meta.backend": BACKEND,
         "meta.state": verdict.state,
         "meta.maxPayloadBytes": str(service.max_payload_bytes),
         "meta.header.user": UID_HEADER,
         "meta.header.group": GID_HEADER,
-        "meta.header.priority": "_priority_",
+        "meta.header.priority": PRIORITY_HEADER,
         "stream.length": str(state.length),
         "stream.approxMaxLength": str(bound),
         "stream.firstEntry": str(state.first_index),
         "stream.lastEntry": str(state.last_index),
         "stream.lastIndex": str(state.last_given),
-        "consumers.stats.total": str(workers),
+        # The platform's docs name it `stats`, the Go client `status`: both, the same count.
+        "consumers.stats.total": connected,
+        "consumers.status.total": connected,
+        "groups.list": ",".join(consumers.groups),
     }
+    attrs |= {f"consumers.list.[{i}]": consumer_row(row) for i, row in enumerate(consumers.rows)}
+    end = await store.end_of_stream(call.qk)
+    if end is not None:
+        attrs["stream.eos"] = str(end.index)
     if call.queue == "input":
         attrs |= {
             "stream.waiting": str(state.waiting),
@@ -103,6 +117,35 @@ async def attributes(request: Request, call: QueueCall) -> Response:
     if wants_protobuf(request.headers.get("accept")):
         return Response(encode_attributes(attrs), media_type=PROTOBUF_MEDIA_TYPE)
     return JSONResponse(attrs)
+
+
+def consumer_row(row: ConsumerRow) -> str:
+    """One `consumers.list.[i]` value, in the platform's form (`Id: group.consumer, Index: …, Pending: …`)."""
+    consumer = row.consumer
+    window = consumer.window
+    fields = [
+        f"Id: {consumer.name}",
+        f"Index: {row.delivered_index}",
+        f"Pending: {row.pending}",
+        f"Status: {consumer_status(row)}",
+        f"Idle: {row.idle_ms / 1000:.3f}s",
+        f"Window: {window}",
+        f"Slots: {max(0, window - row.pending) if row.connected else 0}",
+        f"AutoCommit: {'true' if consumer.auto_commit else 'false'}",
+    ]
+    if consumer.tags:
+        fields.append("Tags: " + ",".join(f"{k}={v}" for k, v in sorted(consumer.tags.items())))
+    return ", ".join(fields)
+
+
+def consumer_status(row: ConsumerRow) -> str:
+    """The platform's consumer states: Running (connected); gone with nothing held, Complete; gone holding items,
+    Leaving until its group may be replaced (15 s, the held items go to another consumer meanwhile), then Exit."""
+    if row.connected:
+        return "Running"
+    if row.pending == 0:
+        return "Complete"
+    return "Leaving" if row.idle_ms < GROUP_IDLE_MS else "Exit"
 
 
 async def search(request: Request, call: QueueCall) -> Response:

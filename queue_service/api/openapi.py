@@ -11,7 +11,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from queue_service.protocol import GID_HEADER, PROTOBUF_MEDIA_TYPE, REQUEST_ID_HEADER, UID_HEADER
+from queue_service.protocol import (
+    GID_HEADER,
+    PRIORITY_HEADER,
+    PRIORITY_PARAMETER,
+    PROTOBUF_MEDIA_TYPE,
+    REQUEST_ID_HEADER,
+    UID_HEADER,
+)
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 STATUS_TEXT = {
@@ -57,8 +64,19 @@ GET_PARAMS = [
     _param("_attrs_", "answer the queue's attributes instead", {"type": "boolean"}),
     _param("_search_", "answer where item _index_ stands: {ConsumerId, IsPending, WaitCount}", {"type": "boolean"}),
     _param("_status_", "answer the state of request `requestId`", {"type": "boolean"}),
-    _param("_watch_", "WebSocket upgrade: stream items (see the watch operation)", {"type": "boolean"}),
+    _param("_count_", "answer how many items the queue holds (a plain integer; with _priority_: priority ones)"),
+    _param(
+        "_watch_",
+        "stream items to a consumer of the group: a WebSocket upgrade (one frame per item), or over plain HTTP "
+        "a stream of DataFrameProto, each after its 4-byte big-endian length; with _window_, _index_only_, "
+        "_auto_commit_",
+        {"type": "boolean"},
+    ),
     *IDENTITY,
+]
+PRIORITY = [
+    _param(PRIORITY_PARAMETER, "`true`, `1` or any level above 0: ahead of normal items"),
+    _param(PRIORITY_HEADER, "the same, as a header (what `meta.header.priority` names)", where="header"),
 ]
 
 
@@ -83,7 +101,9 @@ def _queue_operations(queue: str) -> dict[str, Any]:
     get_responses = _responses(
         "the items (JSON, protobuf with Accept, or raw bytes with _raw_)", frames, "400", "401", "404", "429", "503"
     )
-    get_responses["204"] = {"description": "nothing there (after the long poll's wait)"}
+    get_responses["204"] = {
+        "description": "nothing there (after the long poll's wait); a protobuf Accept gets 200 and an empty list"
+    }
     ok = _responses("OK", text, "400", "401", "404", "503")
     tag = ["input queue" if queue == "input" else "sink"]
     return {
@@ -91,8 +111,15 @@ def _queue_operations(queue: str) -> dict[str, Any]:
             "tags": tag,
             "summary": "put an item" if queue == "input" else "put a result",
             "description": "Query parameters not starting with `_` become the item's tags "
-            "(`requestId` and `lastCode` are reserved).",
-            "parameters": [_param("_priority_", "1: ahead of normal items", {"type": "string"})],
+            "(`requestId` and `lastCode` are reserved). `_eos_=true` (no body) ends the queue's stream instead: "
+            "the answer is the last index before the end, puts are refused (400) until a truncate past it, and "
+            "watchers get a last frame tagged `_eos_` once nothing put before the end is left; `_force_=true` "
+            "also removes what is left.",
+            "parameters": [
+                *PRIORITY,
+                _param("_eos_", "end the stream", {"type": "boolean"}),
+                _param("_force_", "with _eos_: remove what is left", {"type": "boolean"}),
+            ],
             "requestBody": {
                 "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
             },
@@ -117,8 +144,16 @@ def _queue_operations(queue: str) -> dict[str, Any]:
         },
         "put": {
             "tags": tag,
-            "summary": "commit items: they are gone from the queue",
-            "parameters": [_param("_indexes_", "comma-separated indexes"), *IDENTITY],
+            "summary": "commit items: they are gone from the queue; or refuse them (_negative_=true)",
+            "description": "A negative commit (form body `_code_=...&_reason_=...`) gives the items back to the "
+            "caller's group; an item the group was delivered queue.max_delivery times ends instead (an input "
+            "item with a terminal result carrying lastCode and `<code>: <reason>`).",
+            "parameters": [
+                _param("_indexes_", "comma-separated indexes"),
+                _param("_negative_", "refuse the items instead", {"type": "boolean"}),
+                *IDENTITY,
+            ],
+            "requestBody": {"content": {"application/x-www-form-urlencoded": {"schema": {"type": "object"}}}},
             "responses": ok,
         },
     }
@@ -137,7 +172,28 @@ def queue_paths() -> dict[str, Any]:
         "450",
         "503",
     )
+    body = {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+    sub_path = _param("sub_path", "passed on to the processor (RequestContext.path)", where="path")
+    sub_path["required"] = True
+    put = _queue_operations("input")["post"]
     return {
+        "/api/predict/{service_name}/{sub_path}": {
+            "post": {
+                **put,
+                "summary": "put an item with a sub-path",
+                "parameters": [sub_path, *PRIORITY],
+                "requestBody": body,
+            }
+        },
+        "/api/predict/{service_name}/sync/{sub_path}": {
+            "post": {
+                "tags": ["sync"],
+                "summary": "a synchronous request with a sub-path",
+                "parameters": [sub_path],
+                "requestBody": body,
+                "responses": sync_responses,
+            }
+        },
         "/api/predict/{service_name}": _queue_operations("input"),
         "/api/predict/{service_name}/sink": _queue_operations("sink"),
         "/api/predict/{service_name}/sync": {
@@ -179,6 +235,14 @@ def install(app: FastAPI) -> None:
                 operation["parameters"] = [service, *operation.get("parameters", [])]
                 operation["security"] = [{"token": []}]
             spec.setdefault("paths", {})[path] = operations
+        spec["paths"]["/api/v1/servicediscovery/upstreams/{service_name}"] = {
+            "get": {
+                "tags": ["discovery"],
+                "summary": "the API processes serving the service, for the clients' direct mode (no token)",
+                "parameters": [service],
+                "responses": {"200": {"description": '{"endpoints": {"items": [{"ip", "port", "weight"}]}}'}},
+            }
+        }
         components = spec.setdefault("components", {})
         components.setdefault("schemas", {}).update(SCHEMAS)
         components["securitySchemes"] = {

@@ -8,13 +8,13 @@ within what a stream id holds.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from starlette.datastructures import QueryParams
 
 from queue_service.api.errors import ApiError
 from queue_service.durations import parse_duration
-from queue_service.protocol import RESERVED_TAGS
+from queue_service.protocol import PRIORITY_HEADER, PRIORITY_PARAMETER, RESERVED_TAGS
 
 KNOWN_CONTROLS = frozenset(
     {
@@ -33,6 +33,10 @@ KNOWN_CONTROLS = frozenset(
         "_index_only_",
         "_auto_commit_",
         "_priority_",
+        "_count_",
+        "_eos_",
+        "_force_",
+        "_negative_",
     }
 )
 # Not tags: the request id selects an item on get.
@@ -67,6 +71,22 @@ class Params:
         if value in {"false", "0", "no"}:
             return False
         raise ApiError(400, f"{name} must be true or false, got {raw!r}")
+
+    def priority(self, headers: Mapping[str, str]) -> int:
+        """`_priority_`: a flag (`true`, `1`) or a level (the Java client sends N > 1), from the query or, as the
+        Go client sends it, from the header the attributes name (`meta.header.priority`). 0: a normal item."""
+        for raw, where in ((self.query.get(PRIORITY_PARAMETER), PRIORITY_PARAMETER), *_priority_headers(headers)):
+            if raw is None or raw == "":
+                continue
+            value = raw.strip().lower()
+            if value in {"true", "yes"}:
+                return 1
+            if value in {"false", "no"}:
+                return 0
+            if not _DIGITS.fullmatch(value) or len(value) > 18:
+                raise ApiError(400, f"{where} must be true, false or a priority level (a whole number), got {raw!r}")
+            return int(value)
+        return 0
 
     def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int = MAX_INDEX) -> int:
         raw = self.query.get(name)
@@ -112,6 +132,11 @@ class Params:
         if forged:
             raise ApiError(400, f"tag {forged[0]!r} is reserved: the service writes it on results")
         return tags
+
+
+def _priority_headers(headers: Mapping[str, str]) -> list[tuple[str | None, str]]:
+    # Ours first; `_priority_` is what the attributes named before (a client may have them cached).
+    return [(headers.get(name), f"header {name}") for name in (PRIORITY_HEADER, PRIORITY_PARAMETER)]
 
 
 def _whole_number(name: str, raw: str) -> int:

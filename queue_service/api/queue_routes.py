@@ -1,35 +1,42 @@
 """The queue paths and their verbs: one Route per path, each verb an operation of the platform's protocol.
 
-`/api/predict/{service}` (input queue), `/api/predict/{service}/sink`, and `/api/predict/{service}/sync`.
-One Starlette Route per path with its methods, so a wrong verb gets Starlette's own 405 with `Allow`. They
-are plain Starlette routes, not FastAPI ones: FastAPI's dependency solving cost ~47 µs a request here
-(measured), a sixth of a put's whole API time; `openapi.py` describes them instead.
+`/api/predict/{service}` (input queue), `/api/predict/{service}/sink`, `/api/predict/{service}/sync`, and the
+sub-paths the official clients post to (`/api/predict/{service}/<path>`, `/sync/<path>`): the sub-path is kept
+with the item and handed to the processor. One Starlette Route per path with its methods, so a wrong verb gets
+Starlette's own 405 with `Allow`. They are plain Starlette routes, not FastAPI ones: FastAPI's dependency
+solving cost ~47 µs a request here (measured), a sixth of a put's whole API time; `openapi.py` describes them.
 """
 
 from __future__ import annotations
+
+from urllib.parse import parse_qs
 
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from queue_service.api import inspect, put_options, put_wait, reads, sync, watch
+from queue_service.api import inspect, put_options, put_wait, reads, registry, sync, watch
 from queue_service.api.errors import ApiError
 from queue_service.api.params import Params
 from queue_service.api.preamble import QueueCall, identity, queue_call
 from queue_service.faults import checkpoint
-from queue_service.protocol import REQUEST_ID_HEADER
+from queue_service.protocol import PRIORITY_PARAMETER, REQUEST_ID_HEADER
 from queue_service.store.keys import QueueName
 
 SERVICE_PATH = "/api/predict/{service_name}"
+# A negative commit's code and reason: short words, as the clients' codes are (`Shutdown`, `422`).
+MAX_CODE_CHARS, MAX_REASON_CHARS = 64, 2048
 
 
-async def put(request: Request, queue: QueueName) -> Response:
+async def put(request: Request, queue: QueueName, path: str = "") -> Response:
+    if "_eos_" in request.query_params:
+        return await end_stream(request, queue)
     request.state.operation = "put"
-    allowed = {"_priority_", *put_options.CONTROLS} if queue == "input" else {"_priority_"}
+    allowed = {PRIORITY_PARAMETER, *put_options.CONTROLS} if queue == "input" else {PRIORITY_PARAMETER}
     call = await queue_call(request, queue, allowed=allowed, with_body=True, check=Params.item_tags)
     tags = call.params.item_tags()
-    priority = call.params.flag("_priority_")
+    priority = call.params.priority(request.headers) > 0
     options = put_options.PutOptions()
     if queue == "input":
         await call.app.rate.admit(call.service)
@@ -48,6 +55,7 @@ async def put(request: Request, queue: QueueName) -> Response:
         max_bytes=max_bytes,
         priority=priority,
         content_type=content_type,
+        path=path,
         ttl_ms=options.ttl_ms,
         hooks=options.hooks,
         idempotency_digest=options.idempotency_digest,
@@ -59,6 +67,17 @@ async def put(request: Request, queue: QueueName) -> Response:
     return PlainTextResponse(str(result.index), headers={REQUEST_ID_HEADER: result.request_id})
 
 
+async def end_stream(request: Request, queue: QueueName) -> Response:
+    """`POST ?_eos_=true[&_force_=true]`: the queue's stream ends after the last index given out (the answer)."""
+    request.state.operation = "end"
+    call = await queue_call(request, queue, allowed={"_eos_", "_force_"})
+    if not call.params.flag("_eos_"):
+        raise ApiError(400, "_eos_ must be true to end the stream (a put carries no _eos_)")
+    end = await call.app.store.end_stream(call.qk, force=call.params.flag("_force_"))
+    call.app.waiters.of(call.qk).ended(queue)
+    return PlainTextResponse(str(end))
+
+
 async def get(request: Request, queue: QueueName) -> Response:
     request.state.operation = "get"
     call = await queue_call(request, queue)
@@ -67,11 +86,21 @@ async def get(request: Request, queue: QueueName) -> Response:
         ("_attrs_", "attrs", inspect.attributes),
         ("_search_", "search", inspect.search),
         ("_status_", "status", inspect.status),
+        ("_count_", "count", count),
+        ("_watch_", "watch", watch.http_watch),
     ):
         if params.flag(flag):
             request.state.operation = operation
             return await answer(request, call)
     return await reads.get_items(request, call)
+
+
+async def count(request: Request, call: QueueCall) -> Response:
+    """`_count_=true[&_priority_=N][&tag=v…]`: how many items the queue holds, as a plain integer."""
+    priority_only = call.params.priority({}) > 0
+    return PlainTextResponse(
+        str(await call.app.store.count(call.qk, priority_only=priority_only, tags=call.params.tags()))
+    )
 
 
 async def delete(request: Request, queue: QueueName) -> Response:
@@ -90,12 +119,57 @@ async def delete(request: Request, queue: QueueName) -> Response:
 
 
 async def commit(request: Request, queue: QueueName) -> Response:
+    if "_negative_" in request.query_params:
+        return await refuse(request, queue)
     request.state.operation = "commit"
     call = await queue_call(request, queue, allowed={"_indexes_"})
     group = _group(request)
     await call.app.store.remove(call.qk, call.params.indexes(), group)
     call.app.waiters.of(call.qk).committed(queue, group)
     return PlainTextResponse("OK")
+
+
+async def refuse(request: Request, queue: QueueName) -> Response:
+    """Negative commit: `PUT ?_indexes_=N&_negative_=true`, form body `_code_=…&_reason_=…`.
+
+    The caller's group gets the items back (another consumer takes them), or, delivered `queue.max_delivery`
+    times, the items end: an input item with a terminal result carrying the code and reason (negative.lua)."""
+    request.state.operation = "negative"
+    call = await queue_call(request, queue, allowed={"_indexes_", "_negative_"}, with_body=True)
+    indexes = call.params.indexes()
+    group = _group(request)
+    if not call.params.flag("_negative_"):
+        await call.app.store.remove(call.qk, indexes, group)
+        call.app.waiters.of(call.qk).committed(queue, group)
+        return PlainTextResponse("OK")
+    code, reason = _refusal(call.body)
+    refused = await call.app.store.refuse(
+        call.qk,
+        indexes,
+        group,
+        max_delivery=call.service.queue.max_delivery,
+        last_code=int(code) if code.isdigit() and 100 <= int(code) <= 599 else 500,
+        message=": ".join(part for part in (code, reason) if part) or "refused by a consumer",
+    )
+    request.state.log_extra = {"released": refused.released, "ended": refused.ended}
+    call.app.waiters.of(call.qk).released(queue, group)
+    return PlainTextResponse("OK")
+
+
+def _refusal(body: bytes) -> tuple[str, str]:
+    """The code and reason of a negative commit's form body (both optional)."""
+    try:
+        form = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError:
+        raise ApiError(400, "a negative commit's body must be a UTF-8 form: _code_=...&_reason_=...") from None
+    code, reason = (form.get(name, [""])[0].strip() for name in ("_code_", "_reason_"))
+    if len(code) > MAX_CODE_CHARS or not all(c.isascii() and (c.isalnum() or c in "._-") for c in code):
+        raise ApiError(
+            400, f"_code_ must be at most {MAX_CODE_CHARS} of A-Z a-z 0-9 . _ - (e.g. Shutdown), got {code!r}"
+        )
+    if len(reason) > MAX_REASON_CHARS:
+        raise ApiError(400, f"_reason_ is over {MAX_REASON_CHARS} characters")
+    return code, reason
 
 
 def _group(request: Request) -> str:
@@ -120,10 +194,25 @@ def watch_route(queue: QueueName) -> WebSocketRoute:
     return WebSocketRoute(path, endpoint, name=f"{queue}_watch")
 
 
+async def sub_path_put(request: Request) -> Response:
+    """`POST /api/predict/{service}/<path>` (Go `PutWithPath`): a put into the input queue, the path kept.
+
+    Other verbs on such a path are 405; a path under `sink` is no sub-path (404), one under `sync` is the sync
+    route's (only a verb it does not take comes here: 405)."""
+    path = request.path_params["sub_path"].strip("/")
+    first = path.split("/", 1)[0]
+    if not path or first == "sink":
+        raise ApiError(404, f"no such path: {request.url.path}")
+    if request.method != "POST" or first == "sync":
+        raise ApiError(405, f"method {request.method} is not allowed on {request.url.path}", {"Allow": "POST"})
+    return await put(request, "input", path)
+
+
 async def sync_endpoint(request: Request) -> Response:
     request.state.operation = "sync"
     call: QueueCall = await queue_call(request, "input", allowed=(), with_body=True)
-    return await sync.call(request, call)
+    path = request.path_params.get("sub_path", "").strip("/")
+    return await sync.call(request, call, path=path)
 
 
 def routes() -> list[BaseRoute]:
@@ -133,4 +222,11 @@ def routes() -> list[BaseRoute]:
         queue_route("sink"),
         watch_route("sink"),
         Route(SERVICE_PATH + "/sync", sync_endpoint, methods=["POST"], name="sync"),
+        Route(SERVICE_PATH + "/sync/{sub_path:path}", sync_endpoint, methods=["POST"], name="sync_sub_path"),
+        Route(
+            SERVICE_PATH + "/{sub_path:path}", sub_path_put, methods=["POST", "GET", "PUT", "DELETE"], name="sub_path"
+        ),
+        # The clients' direct mode: Python's path, then Go's.
+        Route("/api/v1/servicediscovery/upstreams/{service_name}", registry.upstreams, methods=["GET"]),
+        Route("/exported/apis/eas.alibaba-inc.k8s.io/v1/upstreams/{service_name}", registry.upstreams, methods=["GET"]),
     ]

@@ -1,5 +1,7 @@
 """Get: items of a queue by index or request id, answered at once or after a long poll, deleted only once answered.
 
+Nothing there is 204, or, for a client that asks for protobuf (the official SDKs), 200 with an empty list.
+
 A long poll holds no Redis connection while it waits (`waiters.py` wakes it), stops the moment its client
 leaves, and counts against the process's and the service's bounds on open waits (429 past them).
 
@@ -84,6 +86,10 @@ async def get_items(request: Request, call: QueueCall) -> Response:
             request.state.final_status = CLIENT_CLOSED
             return Response(status_code=CLIENT_CLOSED)
     if not frames:
+        if not raw and wants_protobuf(request.headers.get("accept")):
+            # The SDKs all ask for protobuf, and the Java one takes only 200 as an answer (204: it asks again,
+            # five more times): an empty DataFrameListProto (no bytes), which every SDK reads as no items.
+            return Response(b"", media_type=PROTOBUF_MEDIA_TYPE)
         return Response(status_code=204)
     answer = _answer(request, frames, raw)
     if not token:

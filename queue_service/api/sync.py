@@ -24,7 +24,7 @@ from queue_service.store.model import NoLiveWorker
 from queue_service.store.queues import new_request_id
 
 
-async def call(request: Request, call: QueueCall) -> Response:
+async def call(request: Request, call: QueueCall, path: str = "") -> Response:
     app, service = call.app, call.service
     # Keepalive covers the whole request: reading the body and admission count too.
     received_at = getattr(request.state, "received_at", None) or time.monotonic()
@@ -45,6 +45,7 @@ async def call(request: Request, call: QueueCall) -> Response:
                 reply_channel=app.channel,
                 request_id=request_id,
                 content_type=request.headers.get("content-type", ""),
+                path=path,
             )
         except NoLiveWorker:
             raise ApiError(503, f"no healthy upstream: no live worker serves service {service.name!r}") from None

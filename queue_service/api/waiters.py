@@ -61,9 +61,13 @@ class Waiter:
         return self.match is None or self.match(index, fields)
 
     async def wait(self, seconds: float) -> bool:
-        """Wait for a wake-up or `seconds`; True when woken. Clears the event for the next wait."""
+        """Wait for a wake-up or `seconds`; True when woken. Clears the event for the next wait.
+
+        asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows a cancellation that comes as the event
+        is set (a commit wakes a watch as its client leaves), and the cancelled watch would go on delivering."""
         try:
-            await asyncio.wait_for(self.event.wait(), max(0.0, seconds))
+            async with asyncio.timeout(max(0.0, seconds)):
+                await self.event.wait()
         except TimeoutError:
             return False
         finally:
@@ -162,6 +166,22 @@ class ServiceWaiters:
         entry = self.groups.get((queue, group))
         if entry is not None:
             for waiter in entry.waiters:
+                waiter.event.set()
+
+    def ended(self, queue: QueueName) -> None:
+        """The queue's stream ended through this process: its watches look now (another process's end is seen at
+        their next look: at once once nothing is left, else within a second)."""
+        entry = self.queues.get(queue)
+        if entry is not None:
+            for waiter in entry.waiters:
+                waiter.event.set()
+
+    def released(self, queue: QueueName, group: str) -> None:
+        """A negative commit through this process: watches of that group may claim the refused items now."""
+        entry = self.groups.get((queue, group))
+        if entry is not None:
+            for waiter in entry.waiters:
+                waiter.lapsed = True
                 waiter.event.set()
 
     def expect_reply(self, request_id: str) -> asyncio.Future[Reply]:

@@ -18,6 +18,21 @@ WORKER_GROUP = "qs-workers"
 # The webhook dispatchers' consumer group on each service's deliveries stream.
 WEBHOOK_GROUP = "qs-webhooks"
 
+# A watch connection's consumer in its group is `<consumer id>#<connection>`: a client that reconnects with the
+# same id (they all do) gets a new one, so a closing connection releases only what it was sent, and a new one
+# never renews what an old one was sent and its client never read. `#` is never in a consumer id.
+_CONNECTION_MARK = "#"
+
+
+def connection_consumer(consumer_id: str, connection: str) -> str:
+    """The stream consumer of one watch connection of client consumer `consumer_id`."""
+    return f"{consumer_id}{_CONNECTION_MARK}{connection}"
+
+
+def consumer_id_of(stream_consumer: str) -> str:
+    """The client's consumer id of a stream consumer (a worker's name is its own)."""
+    return stream_consumer.partition(_CONNECTION_MARK)[0]
+
 
 def _service(service: str) -> str:
     return f"qs:{{{service}}}"
@@ -65,13 +80,23 @@ class QueueKeys:
         return f"{self.base}:groups"
 
     @property
+    def end(self) -> str:
+        """String: the last index before the queue's end of stream (`_eos_`); absent while the queue is open."""
+        return f"{self.base}:eos"
+
+    @property
+    def consumers(self) -> str:
+        """Hash: `<group>.<consumer>` -> JSON of a watch consumer (window, tags, auto-commit, API process, times)."""
+        return f"{self.base}:consumers"
+
+    @property
     def streams(self) -> tuple[str, str]:
         """Both streams, in the order they are served."""
         return (self.high, self.normal)
 
     @property
     def all(self) -> list[str]:
-        return [self.high, self.normal, self.seq, self.ids, self.reserved, self.groups]
+        return [self.high, self.normal, self.seq, self.ids, self.reserved, self.groups, self.end, self.consumers]
 
     def stream(self, priority: bool) -> str:
         return self.high if priority else self.normal
@@ -112,6 +137,11 @@ def running(service: str) -> str:
     """Hash: worker name -> JSON list of the items it holds now (`index`, `requestId`, `startedAt` ms,
     `deliveries`), written by the worker's lease keeper once per tick; a worker holding none has no field."""
     return f"{_service(service)}:running"
+
+
+def api_processes(service: str) -> str:
+    """Sorted set: `<host:port>/<channel>` of each API process serving the service -> unix time its heartbeat lapses."""
+    return f"{_service(service)}:apis"
 
 
 def replies(service: str, channel: str) -> str:
@@ -216,6 +246,7 @@ def service_keys(service: str) -> list[str]:
         counts(service),
         live_workers(service),
         running(service),
+        api_processes(service),
         rate_limit(service),
         timings(service),
         maintenance_lock(service),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Final, Literal
 
 import redis.exceptions
@@ -33,6 +34,10 @@ class StoreError(Exception):
 
 class QueueFull(StoreError):
     """The queue's bound is reached (450)."""
+
+
+class QueueEnded(StoreError):
+    """The queue's stream has ended (end of stream): it takes no more puts until a truncate past the end."""
 
 
 class NoLiveWorker(StoreError):
@@ -197,6 +202,93 @@ class QueueState:
     def backlog_per_worker(self) -> float:
         """Waiting items per live worker; all of them when none is live."""
         return self.waiting / self.live_workers if self.live_workers else float(self.waiting)
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    """A queue's end of stream: the last index put before it, and whether an item put before it is still there."""
+
+    index: int
+    items_left: bool
+
+    @property
+    def reached(self) -> bool:
+        """Everything put before the end is gone (consumed): a watcher sees the end now."""
+        return not self.items_left
+
+
+@dataclass(frozen=True, slots=True)
+class WatchDelivery:
+    """What one delivery to a watch consumer found: the frames, and (asked for, nothing delivered) the end."""
+
+    frames: list[DataFrame]
+    end: EndOfStream | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """What a negative commit did: items back to their group, and items that ended (delivered too often)."""
+
+    released: int
+    ended: int
+
+
+@dataclass(frozen=True, slots=True)
+class WatchConsumer:
+    """One watch consumer as its row in the queue's consumers hash records it (the attributes list it)."""
+
+    group: str
+    consumer: str
+    window: int
+    tags: dict[str, str] = field(default_factory=dict)
+    auto_commit: bool = False
+    index: int = 0  # the index it asked to start from
+    api: str = ""  # the reply channel of the API process serving its connection
+    connection: str = ""  # one connection of the consumer (a reconnect is a new one)
+    since_ms: int = 0
+    left_ms: int = 0  # when its connection closed; 0 while open
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}.{self.consumer}"
+
+    def left(self, at_ms: int) -> WatchConsumer:
+        return replace(self, left_ms=at_ms)
+
+    def to_row(self) -> str:
+        """`<api>|<left ms>|<JSON>`: whether it is connected can be told without parsing the JSON."""
+        return f"{self.api}|{self.left_ms}|{json.dumps(asdict(self), separators=(',', ':'))}"
+
+    @classmethod
+    def from_row(cls, raw: bytes | str) -> WatchConsumer:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        return cls(**json.loads(text.split("|", 2)[2]))
+
+    @staticmethod
+    def row_state(raw: bytes) -> tuple[str, int]:
+        """(its API process's channel, when it left: 0 while connected) of a row, without parsing it."""
+        api, left, _ = raw.split(b"|", 2)
+        return api.decode(), int(left)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerRow:
+    """A consumer of a queue now: its row, what it holds, how long since it last took something."""
+
+    consumer: WatchConsumer
+    pending: int
+    idle_ms: int  # since it left; while connected, since it came
+    delivered_index: int  # the last index delivered to its group
+    connected: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Consumers:
+    """A queue's client groups, its consumers (connected first, at most so many), and how many are connected."""
+
+    groups: list[str]
+    rows: list[ConsumerRow]
+    connected: int
 
 
 @dataclass(frozen=True, slots=True)

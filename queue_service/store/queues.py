@@ -19,19 +19,31 @@ from queue_service.store import keys, scripts
 from queue_service.store.durability import Durability, run_replicated_async
 from queue_service.store.keys import WORKER_GROUP, QueueKeys, QueueName
 from queue_service.store.model import (
+    ConsumerRow,
+    Consumers,
     DataFrame,
+    EndOfStream,
     FailureScan,
     Holding,
     Position,
     PutResult,
     QueueState,
     Read,
+    Refused,
     RunningItem,
+    WatchConsumer,
+    WatchDelivery,
     WebhookCounts,
 )
 
 # How many items one truncate script removes before the next step (a huge truncate must not block Redis).
 TRUNCATE_STEP = 1000
+# An API process whose heartbeat lapsed this long ago is dropped from the service's list of API processes.
+API_FORGET_SECONDS = 60.0
+# A watch consumer's row is kept this long after it was last seen (the attributes show it as gone meanwhile),
+# and rows are looked through for such only once there are this many.
+CONSUMER_FORGET_MS = 3_600_000
+CONSUMER_ROWS_BEFORE_PRUNING = 256
 
 
 def new_request_id() -> str:
@@ -192,14 +204,46 @@ class QueueStore:
         removed, _ = await self.scripts.run_async(call)
         return removed > 0
 
-    async def truncate(self, qk: QueueKeys, below: int, group: str = "") -> int:
-        """Remove every item whose index is below `below`, a step at a time."""
+    async def truncate(self, qk: QueueKeys, below: int, group: str = "", *, reopen: bool = True) -> int:
+        """Remove every item whose index is below `below`, a step at a time; past the queue's end of stream,
+        that reopens it too (unless `reopen` is False: the forced end truncates what it ends)."""
         total, more = 0, True
         while more:
             call = scripts.remove(qk, "below", [below, TRUNCATE_STEP], now_ms=now_ms(), group=group)
             removed, more = await self.scripts.run_async(call)
             total += removed
+        if reopen:
+            await self.scripts.run_async(scripts.reopen(qk, below=below))
         return total
+
+    async def end_stream(self, qk: QueueKeys, *, force: bool = False) -> int:
+        """End the queue's stream after the last index given out; the end index. `force` also removes every
+        item put before the end that is still there, so that watchers see the end at once."""
+        end = await self.scripts.run_async(scripts.end_stream(qk))
+        if force:
+            await self.truncate(qk, end + 1, reopen=False)
+        return end
+
+    async def end_of_stream(self, qk: QueueKeys) -> EndOfStream | None:
+        return await self.scripts.run_async(scripts.end_of_stream(qk))
+
+    async def refuse(
+        self, qk: QueueKeys, indexes: Sequence[int], group: str, *, max_delivery: int, last_code: int, message: str
+    ) -> Refused:
+        """A negative commit of `group`: its items go back to it, or end once delivered `max_delivery` times."""
+        call = scripts.negative(
+            qk,
+            indexes,
+            group=group,
+            max_delivery=max_delivery,
+            now_ms=now_ms(),
+            last_code=last_code,
+            message=message,
+        )
+        return await self.scripts.run_async(call)
+
+    async def count(self, qk: QueueKeys, *, priority_only: bool = False, tags: Mapping[str, str] | None = None) -> int:
+        return await self.scripts.run_async(scripts.count(qk, priority_only=priority_only, tags=tags))
 
     async def search(self, qk: QueueKeys, index: int, group: str = WORKER_GROUP) -> Position | None:
         """Where an item stands for one consumer group (the workers' group by default)."""
@@ -207,7 +251,7 @@ class QueueStore:
         if found is None:
             return None
         holder, pending, ahead = found
-        return Position(holder, pending, ahead)
+        return Position(keys.consumer_id_of(holder), pending, ahead)
 
     async def status(self, service: str, request_id: str) -> RequestState | None:
         """Where one request is, in one round trip (status.lua): its queue, its worker's report, its webhooks."""
@@ -322,6 +366,128 @@ class QueueStore:
         raw = await self.redis.hgetall(keys.timings(service))
         return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
 
+    # --- API processes (the clients' direct mode) and watch consumers, for the attributes ------
+
+    async def heartbeat_api(self, services: Sequence[str], member: str, ttl: float, *, prune: bool = False) -> None:
+        """Count this API process (`<host:port>/<channel>`) live for each service for the next `ttl` seconds;
+        `prune` also drops processes whose heartbeat lapsed a while ago."""
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for service in services:
+                pipe.zadd(keys.api_processes(service), {member: now + ttl})
+                if prune:
+                    pipe.zremrangebyscore(keys.api_processes(service), "-inf", now - API_FORGET_SECONDS)
+            await pipe.execute()
+
+    async def leave_api(self, services: Sequence[str], member: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for service in services:
+                pipe.zrem(keys.api_processes(service), member)
+            await pipe.execute()
+
+    async def live_apis(self, service: str) -> list[str]:
+        """The members (`<host:port>/<channel>`) of the API processes serving `service` now."""
+        members = await self.redis.zrangebyscore(keys.api_processes(service), time.time(), "+inf")
+        return [_text(member) for member in members]
+
+    async def consumer_joined(self, qk: QueueKeys, consumer: WatchConsumer) -> None:
+        """Record a watch consumer for the attributes (`consumers.list`); once the rows are many, those of consumers
+        long gone are dropped."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(qk.consumers, consumer.name, consumer.to_row())
+            pipe.hlen(qk.consumers)
+            _, rows = await pipe.execute()
+        # Looked through only now and then: every so many joins once the rows are many.
+        if int(rows) > CONSUMER_ROWS_BEFORE_PRUNING and int(rows) % CONSUMER_ROWS_BEFORE_PRUNING == 0:
+            await self._forget_gone_consumers(qk)
+
+    async def _forget_gone_consumers(self, qk: QueueKeys) -> None:
+        live = {member.rpartition("/")[2] for member in await self.live_apis(qk.service)}
+        oldest_kept = now_ms() - CONSUMER_FORGET_MS
+        stale = []
+        for name, raw in (await self.redis.hgetall(qk.consumers)).items():
+            row = WatchConsumer.from_row(raw)
+            # Gone long ago: closed, or its API process died (the row never heard the close).
+            last_seen = row.left_ms or (row.since_ms if row.api not in live else now_ms())
+            if last_seen < oldest_kept:
+                stale.append(name)
+        if stale:
+            await self.redis.hdel(qk.consumers, *stale)
+
+    async def consumer_left(self, qk: QueueKeys, consumer: WatchConsumer) -> None:
+        """The watch's connection closed; a newer connection of the same consumer keeps its row as it is."""
+        raw = await self.redis.hget(qk.consumers, consumer.name)
+        if raw is not None and WatchConsumer.from_row(raw).connection == consumer.connection:
+            await self.redis.hset(qk.consumers, consumer.name, consumer.left(now_ms()).to_row())
+
+    async def consumers(self, qk: QueueKeys, *, most: int = 100) -> Consumers:
+        """The queue's client groups, and its consumers as they stand: watch consumers (from their rows and their
+        groups' pending entries) and, for the input queue, the live workers."""
+        client_groups = [_text(g) for g in await self.redis.zrange(qk.groups, 0, -1)]
+        groups = list(client_groups)
+        workers = []
+        if qk.queue == "input":
+            live = await self.redis.zrangebyscore(keys.live_workers(qk.service), time.time(), "+inf")
+            workers = [_text(worker) for worker in live]
+            groups.append(WORKER_GROUP)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(qk.consumers)
+            pipe.zrangebyscore(keys.api_processes(qk.service), time.time(), "+inf")
+            for group in groups:
+                for stream in qk.streams:
+                    # The summary lists only the consumers that hold something: cheap however many there are.
+                    pipe.xpending(stream, group)
+            for stream in qk.streams:
+                pipe.xinfo_groups(stream)
+            answers = await pipe.execute(raise_on_error=False)
+        rows_raw, apis, *per_group = answers
+        summaries, group_infos = per_group[: 2 * len(groups)], per_group[2 * len(groups) :]
+        pending: dict[str, int] = {}
+        for i, group in enumerate(groups):
+            for summary in summaries[2 * i : 2 * i + 2]:
+                for holder in summary.get("consumers", []) if isinstance(summary, dict) else []:
+                    name = f"{group}.{keys.consumer_id_of(_text(holder['name']))}"
+                    pending[name] = pending.get(name, 0) + int(holder["pending"])
+        delivered: dict[str, int] = {}
+        for answer in group_infos:
+            for info in answer if isinstance(answer, list) else []:
+                index = keys.index_of(info["last-delivered-id"])
+                delivered[_text(info["name"])] = max(delivered.get(_text(info["name"]), 0), index)
+        live_channels = {_text(member).rpartition("/")[2] for member in (apis if isinstance(apis, list) else [])}
+        # Told from each row's prefix, so that only the rows shown are parsed, however many consumers there are.
+        states = []
+        for name, raw in (rows_raw if isinstance(rows_raw, dict) else {}).items():
+            api, left_ms = WatchConsumer.row_state(raw)
+            states.append((not (left_ms == 0 and api in live_channels), _text(name), raw))
+        states.sort()
+        connected_rows = sum(not gone for gone, _, _ in states)
+        rows: list[ConsumerRow] = []
+        for gone, _name, raw in states[:most]:
+            consumer = WatchConsumer.from_row(raw)
+            rows.append(
+                ConsumerRow(
+                    consumer=consumer,
+                    pending=pending.get(consumer.name, 0),
+                    idle_ms=max(0, now_ms() - (consumer.left_ms or consumer.since_ms)),
+                    delivered_index=delivered.get(consumer.group, 0),
+                    connected=not gone,
+                )
+            )
+        for worker in workers:
+            name = f"{WORKER_GROUP}.{worker}"
+            consumer = WatchConsumer(group=WORKER_GROUP, consumer=worker, window=1)
+            rows.append(
+                ConsumerRow(
+                    consumer=consumer,
+                    pending=pending.get(name, 0),
+                    idle_ms=0,
+                    delivered_index=delivered.get(WORKER_GROUP, 0),
+                    connected=True,
+                )
+            )
+        rows.sort(key=lambda row: (not row.connected, row.consumer.name))
+        return Consumers(client_groups, rows[:most], connected_rows + len(workers))
+
     # --- watches -------------------------------------------------------------------------
 
     async def join(self, qk: QueueKeys, group: str, *, start_index: int, max_groups: int, idle_ms: int) -> bool:
@@ -339,8 +505,33 @@ class QueueStore:
         tags: Mapping[str, str] | None,
         max_bytes: int,
     ) -> list[DataFrame] | None:
-        call = scripts.deliver(
+        delivery = await self.watch_delivery(
             qk, group=group, consumer=consumer, want=want, lease_ms=lease_ms, tags=tags, max_bytes=max_bytes
+        )
+        return None if delivery is None else delivery.frames
+
+    async def watch_delivery(
+        self,
+        qk: QueueKeys,
+        *,
+        group: str,
+        consumer: str,
+        want: int,
+        lease_ms: int,
+        tags: Mapping[str, str] | None,
+        max_bytes: int,
+        watch_end: bool = False,
+    ) -> WatchDelivery | None:
+        """A delivery to a watch consumer; with `watch_end`, one of nothing also tells the end of stream."""
+        call = scripts.deliver(
+            qk,
+            group=group,
+            consumer=consumer,
+            want=want,
+            lease_ms=lease_ms,
+            tags=tags,
+            max_bytes=max_bytes,
+            watch_end=watch_end,
         )
         return await self.scripts.run_async(call)
 

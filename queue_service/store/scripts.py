@@ -28,6 +28,7 @@ from queue_service.store.model import (
     REPLY_TTL_MS,
     DataFrame,
     Delivery,
+    EndOfStream,
     FailedResult,
     FailureScan,
     Finished,
@@ -38,12 +39,15 @@ from queue_service.store.model import (
     NotHolder,
     Outcome,
     PutResult,
+    QueueEnded,
     QueueFull,
     Read,
+    Refused,
     Reply,
     StoreError,
     Taken,
     TooManyGroups,
+    WatchDelivery,
 )
 
 T = TypeVar("T")
@@ -70,6 +74,9 @@ NAMES = (
     "hook_take",
     "hook_done",
     "hook_revive",
+    "eos",
+    "negative",
+    "count",
 )
 # How many replies one API process's reply stream keeps (it reads them as they come).
 REPLY_STREAM_MAXLEN = 10_000
@@ -257,6 +264,11 @@ def put(
                 return PutResult(int(index), first_id, repeated=True)
             if _text(raw[0]) == "no-worker":
                 raise NoLiveWorker(f"no live worker serves service {qk.service!r}")
+            if _text(raw[0]) == "ended":
+                raise QueueEnded(
+                    f"queue {qk.service}/{qk.queue} has ended (end of stream after index {_text(raw[1])}): "
+                    "it takes no more puts; a truncate past that index reopens it"
+                )
             what = _text(raw[1])
             bound = f"{max_bytes} bytes of results" if what == "bytes" else f"{max_items} {_counted(qk)}"
             raise QueueFull(f"queue {qk.service}/{qk.queue} is full ({bound})")
@@ -272,6 +284,7 @@ def put(
             keys.live_workers(qk.service) if reply_channel else qk.seq,
             keys.deadlines(qk.service),
             keys.idempotency(qk.service, idempotency_digest) if idempotency_digest else qk.seq,
+            qk.end,
         ],
         [
             qk.queue,
@@ -531,6 +544,59 @@ def remove(
     )
 
 
+def negative(
+    qk: QueueKeys,
+    indexes: Sequence[int],
+    *,
+    group: str,
+    max_delivery: int,
+    now_ms: int,
+    last_code: int,
+    message: str,
+) -> Call[Refused]:
+    """A client group refuses items it holds: back to the group, or ended past `max_delivery` (negative.lua)."""
+    qs, hooks = keys.sink_queue(qk.service), keys.webhooks(qk.service)
+
+    def decode(raw: Any) -> Refused:
+        released, ended = raw
+        return Refused(int(released), int(ended))
+
+    return Call(
+        "negative",
+        [qk.high, qk.normal, qk.ids, qk.counts, qs.normal, qs.seq, qs.ids, hooks.stream, hooks.requests],
+        [qk.queue, group, max_delivery, RELEASE_IDLE_MS, now_ms, last_code, message, *indexes],
+        decode,
+    )
+
+
+def count(qk: QueueKeys, *, priority_only: bool = False, tags: Mapping[str, str] | None = None) -> Call[int]:
+    """Items in the queue (the priority stream only); with `tags`, those matching among the first AHEAD_CAP."""
+    return Call("count", [qk.high, qk.normal], ["1" if priority_only else "0", _tags_json(tags), AHEAD_CAP], int)
+
+
+# --- end of stream ---------------------------------------------------------------------------
+
+
+def end_stream(qk: QueueKeys) -> Call[int]:
+    """End the queue's stream after the last index given out (kept if it has ended already); the end index."""
+    return Call("eos", [qk.high, qk.normal, qk.seq, qk.end], ["end", 0], int)
+
+
+def end_of_stream(qk: QueueKeys) -> Call[EndOfStream | None]:
+    """The queue's end of stream, or None while it is open."""
+
+    def decode(raw: Any) -> EndOfStream | None:
+        index, left = raw
+        return None if int(index) < 0 else EndOfStream(int(index), bool(int(left)))
+
+    return Call("eos", [qk.high, qk.normal, qk.seq, qk.end], ["check", 0], decode)
+
+
+def reopen(qk: QueueKeys, *, below: int) -> Call[bool]:
+    """A truncate removed everything below `below`: past the end, the queue takes puts again. True if it did."""
+    return Call("eos", [qk.high, qk.normal, qk.seq, qk.end], ["lift", below], lambda raw: bool(int(raw)))
+
+
 def search(qk: QueueKeys, index: int, *, group: str) -> Call[tuple[str, bool, int] | None]:
     def decode(raw: Any) -> tuple[str, bool, int] | None:
         if not raw:
@@ -588,18 +654,33 @@ def deliver(
     lease_ms: int,
     tags: Mapping[str, str] | None,
     max_bytes: int,
-) -> Call[list[DataFrame] | None]:
-    """Up to `want` items for a watch consumer (lapsed ones of its group first when `lease_ms` > 0); None: no group."""
+    watch_end: bool = False,
+) -> Call[WatchDelivery | None]:
+    """Up to `want` items for a watch consumer (lapsed ones of its group first when `lease_ms` > 0); None: no group.
+    With `watch_end`, a delivery of nothing also tells the queue's end of stream."""
 
-    def decode(raw: Any) -> list[DataFrame] | None:
+    def decode(raw: Any) -> WatchDelivery | None:
         if _text(raw[0]) == "nogroup":
             return None
-        return [frame_from_entry(entry_id, flat) for _stream, entry_id, flat in raw[1]]
+        frames = [frame_from_entry(entry_id, flat) for _stream, entry_id, flat in raw[1]]
+        end = None
+        if len(raw) > 2 and int(raw[2]) >= 0:
+            end = EndOfStream(int(raw[2]), bool(int(raw[3])))
+        return WatchDelivery(frames, end)
 
     return Call(
         "deliver",
-        [qk.high, qk.normal],
-        [group, consumer, want, lease_ms, RELEASED_ONLY_MS if lease_ms else "", _tags_json(tags), max_bytes],
+        [qk.high, qk.normal, qk.end],
+        [
+            group,
+            consumer,
+            want,
+            lease_ms,
+            RELEASED_ONLY_MS if lease_ms else "",
+            _tags_json(tags),
+            max_bytes,
+            "1" if watch_end else "0",
+        ],
         decode,
     )
 

@@ -429,7 +429,8 @@ def test_401_on_a_watch_refuses_the_handshake_and_both_answers_are_logged(stack:
         ("POST", "/api/predict/nope/sync", "service 'nope' not found"),
         ("GET", "/api/predict/nope/sink", "service 'nope' not found"),
         ("GET", "/api/nothing", "no such path: /api/nothing"),
-        ("POST", "/api/predict/echo/sync/extra", "no such path: /api/predict/echo/sync/extra"),
+        # `/sync/<path>` and `/<path>` are sub-paths the processor gets; none is under the sink.
+        ("POST", "/api/predict/echo/sink/extra", "no such path: /api/predict/echo/sink/extra"),
     ],
 )
 def test_404_names_what_was_not_found(stack: Stack, method: str, path: str, named: str) -> None:

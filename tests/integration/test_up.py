@@ -180,7 +180,11 @@ def test_up_serves_the_curl_flow_and_ctrl_c_stops_every_process_it_started(up: C
     family = descendants(service.process.pid)
     kinds = {
         kind: [pid for pid, command in family.items() if needle in command]
-        for kind, needle in (("redis-server", "redis-server"), ("uvicorn", "uvicorn"), ("rq worker", "rq.cli worker"))
+        for kind, needle in (
+            ("redis-server", "redis-server"),
+            ("api", "queue_service.serve"),
+            ("rq worker", "rq.cli worker"),
+        )
     }
     assert all(len(pids) == 1 for pids in kinds.values()), f"{kinds} in {family}"
 
@@ -336,7 +340,7 @@ def test_a_worker_that_dies_after_running_fine_is_restarted_at_once(up: Callable
 def test_the_api_dying_stops_everything_and_up_exits_non_zero(up: Callable[..., Up]) -> None:
     service = up()
     service.wait_until_ready()
-    [api] = [pid for pid, command in descendants(service.process.pid).items() if "uvicorn" in command]
+    [api] = [pid for pid, command in descendants(service.process.pid).items() if "queue_service.serve" in command]
     os.kill(api, signal.SIGKILL)
     assert service.wait_for_exit(timeout=40) == 1
     assert "Error: the API was killed by SIGKILL" in service.log()

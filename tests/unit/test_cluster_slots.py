@@ -48,6 +48,11 @@ def every_call(service: str) -> Iterator[scripts.Call[Any]]:
         yield scripts.join(qk, "g", start_index=1, now_ms=1, max_groups=5, idle_ms=1)
         yield scripts.deliver(qk, group="g", consumer="c", want=1, lease_ms=1, tags=None, max_bytes=100)
         yield scripts.held(qk, group="g", consumer="c", mode="count", most=5)
+        yield scripts.negative(qk, [1], group="g", max_delivery=3, now_ms=1, last_code=500, message="Shutdown: x")
+        yield scripts.count(qk)
+        yield scripts.end_stream(qk)
+        yield scripts.end_of_stream(qk)
+        yield scripts.reopen(qk, below=2)
     yield scripts.put(qi, data=b"x", tags={}, request_id="r", now_ms=1, max_items=9, reply_channel="a0b1c2")
     yield scripts.take(service, consumer="w", want=1, lease_ms=1, max_delivery=3, sink_max_items=9, sink_max_bytes=9)
     for sync in (False, True):
@@ -155,6 +160,11 @@ def _exercise_every_script(client: redis.Redis, service: str) -> None:
     attempt(
         scripts.take(service, consumer="w", want=1, lease_ms=0, max_delivery=3, sink_max_items=9, sink_max_bytes=10**6)
     )
+    attempt(scripts.negative(qs, [1, 2], group="g", max_delivery=1, now_ms=now, last_code=500, message="Shutdown: x"))
+    attempt(scripts.count(qi, tags={"k": "v"}))
+    attempt(scripts.end_stream(qs))
+    attempt(scripts.end_of_stream(qs))
+    attempt(scripts.reopen(qs, below=100))
     attempt(scripts.expire(service))
     attempt(scripts.hook_take(service, consumer="d", want=5, lease_ms=1000))
     attempt(scripts.hook_done(Delivery(service, "1-0", "msg_1", 1, {}), consumer="d", outcome="dead"))

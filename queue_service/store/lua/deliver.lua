@@ -2,10 +2,13 @@
 -- whose lease lapsed (a consumer that left without committing, or a crashed API), then new ones; priority
 -- stream first; at most `max_bytes` of data (always at least one item). Items that do not match the
 -- consumer's tag filter are acknowledged for the group: it is done with them.
--- KEYS: high, normal
+-- With `watch_end`, a call that delivers nothing also says whether the queue's stream has ended (eos.lua) and
+-- whether anything put before the end is left: an idle watch learns of the end without a call of its own.
+-- KEYS: high, normal, end (the queue's end-of-stream marker)
 -- ARGV: group, consumer, want, lease_ms (0: no lapsed items), restart_guard_ms (''), tag_filter_json (''),
---       max_bytes
--- Returns {'ok', {{stream, id, fields}...}}, or {'nogroup'} when the group is gone (it was evicted).
+--       max_bytes, watch_end (1|0)
+-- Returns {'ok', {{stream, id, fields}...}[, end index (-1: open), 1 while items put before the end are left]},
+-- or {'nogroup'} when the group is gone (it was evicted).
 local group, consumer, want = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local lease, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[7])
 local filter = nil
@@ -58,4 +61,10 @@ for i = 1, 2 do
     for _, e in ipairs(r[1][2]) do wanted(KEYS[i], e) end
   end
 end
-return {'ok', out}
+if #out > 0 or ARGV[8] ~= '1' then return {'ok', out} end
+local ended = redis.call('GET', KEYS[3])
+if not ended then return {'ok', out, -1, 0} end
+for i = 1, 2 do
+  if #redis.call('XRANGE', KEYS[i], '-', sid(ended), 'COUNT', 1) > 0 then return {'ok', out, ended, 1} end
+end
+return {'ok', out, ended, 0}

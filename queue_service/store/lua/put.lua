@@ -3,12 +3,15 @@
 -- refused at once when no worker is live. Sink: at most `max_items` results and `max_bytes` of data.
 -- An Idempotency-Key seen within its lifetime answers the first put's index and request id, storing nothing.
 -- A request with a TTL carries its deadline (`exp`, Redis's clock) and is listed in the deadlines set.
--- KEYS: stream (the priority or normal stream), seq, ids, counts, workers (live workers; '' unless sync),
---       deadlines, idempotency (the key's; any key of the service when there is none)
+-- A queue whose stream has ended (eos.lua) takes no more puts.
+-- KEYS: stream (the priority or normal stream), seq, ids, counts, workers (live workers; any key unless sync),
+--       deadlines, idempotency (the key's; any key of the service when there is none), end (the queue's
+--       end-of-stream marker)
 -- ARGV: kind (input|sink), data, tags_json, rid, ts_ms, priority (1|0), max_items (0: none),
 --       max_bytes (0: none), reply_channel (''), now_s, path (''), content_type (''), ttl_ms (0: none),
 --       hooks ('' or the webhook targets' JSON), idempotent (1|0), idempotency_ttl_s
--- Returns the index, or {'full', 'items'|'bytes'}, or {'no-worker'}, or {'same', '<index>:<rid>'}.
+-- Returns the index, or {'full', 'items'|'bytes'}, or {'no-worker'}, or {'same', '<index>:<rid>'}, or
+-- {'ended', last index before the end}.
 local kind, data, rid, priority = ARGV[1], ARGV[2], ARGV[4], ARGV[6] == '1'
 local ttl, hooks, idempotent = tonumber(ARGV[13]) or 0, ARGV[14] or '', ARGV[15] == '1'
 if idempotent then
@@ -16,6 +19,8 @@ if idempotent then
   if first then return {'same', first} end
 end
 local max_items, max_bytes, reply = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+local ended = redis.call('GET', KEYS[8])
+if ended then return {'ended', ended} end
 if reply ~= '' and redis.call('ZCOUNT', KEYS[5], ARGV[10], '+inf') == 0 then return {'no-worker'} end
 local counted = 'waiting'
 if kind == 'sink' then counted = 'sink_used' end

@@ -40,4 +40,4 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
 USER queue
 WORKDIR /home/queue
 EXPOSE 8000
-CMD ["uvicorn", "queue_service.api:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--no-access-log"]
+CMD ["queue-service", "api", "--host", "0.0.0.0", "--port", "8000"]

@@ -7,6 +7,9 @@
 - `POST /status/<code>`: answers `<code>` with the body `status <code>`.
 - `POST /hang`: never answers (a hung model server).
 - `POST /slow/<ms>`: the body back after `<ms>` milliseconds.
+- `POST /sse/<n>/<ms>`: an OpenAI-style SSE stream (vLLM with `"stream": true`): `n` events
+  `data: {"choices":[{"delta":{"content":"t<i> "}}]}` `<ms>` ms apart, then `data: [DONE]`.
+- `POST /chunked/<n>/<ms>`: a chunked text/plain answer of `n` pieces `t<i> `, `<ms>` ms apart.
 - `POST` anything else: the body back with its Content-Type, after `ECHO_UPSTREAM_DELAY_MS` ms (0 by
   default): a model whose answer takes that long without using the CPU.
 """
@@ -14,11 +17,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 DELAY_ENV = "ECHO_UPSTREAM_DELAY_MS"
@@ -53,6 +58,24 @@ def create_app() -> Starlette:
         await asyncio.sleep(int(request.path_params["ms"]) / 1000)
         return Response(await request.body(), media_type=request.headers.get("content-type"))
 
+    async def pieces(request: Request, sse: bool) -> AsyncIterator[bytes]:
+        count, ms = int(request.path_params["n"]), int(request.path_params["ms"])
+        for i in range(count):
+            if i and ms:
+                await asyncio.sleep(ms / 1000)
+            if sse:
+                yield f"data: {json.dumps({'choices': [{'delta': {'content': f't{i} '}}]})}\n\n".encode()
+            else:
+                yield f"t{i} ".encode()
+        if sse:
+            yield b"data: [DONE]\n\n"
+
+    async def sse(request: Request) -> Response:
+        return StreamingResponse(pieces(request, True), media_type="text/event-stream")
+
+    async def chunked(request: Request) -> Response:
+        return StreamingResponse(pieces(request, False), media_type="text/plain; charset=utf-8")
+
     async def echo(request: Request) -> Response:
         body = await request.body()
         if delay:
@@ -66,6 +89,8 @@ def create_app() -> Starlette:
             Route("/status/{code:int}", status, methods=["POST"]),
             Route("/hang", hang, methods=["POST"]),
             Route("/slow/{ms:int}", slow, methods=["POST"]),
+            Route("/sse/{n:int}/{ms:int}", sse, methods=["POST"]),
+            Route("/chunked/{n:int}/{ms:int}", chunked, methods=["POST"]),
             Route("/{path:path}", echo, methods=["POST"]),
         ]
     )

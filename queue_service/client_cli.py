@@ -17,7 +17,19 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 import httpx
 
-from queue_service.client import Client, NotFound, RequestFailed, Result, RetryPolicy, Unreachable, calls
+from queue_service.client import (
+    Chunk,
+    Client,
+    Done,
+    NotFound,
+    RequestFailed,
+    Restart,
+    Result,
+    RetryPolicy,
+    Unreachable,
+    calls,
+)
+from queue_service.client import Progress as Reported
 
 T = TypeVar("T")
 
@@ -143,8 +155,17 @@ def describe(status: dict[str, Any] | None) -> str:
         return "waiting, next in queue" if ahead == 0 else f"waiting, {ahead} ahead in queue"
     if state == "running":
         deliveries = int(status.get("deliveries", 1)) if status else 1
-        return "running" if deliveries <= 1 else f"running (delivery {deliveries})"
+        running = "running" if deliveries <= 1 else f"running (delivery {deliveries})"
+        progress = status.get("progress") if status else None
+        return running + (f", {describe_progress(progress)}" if progress else "")
     return "processed, reading the result"
+
+
+def describe_progress(progress: dict[str, Any]) -> str:
+    """`40% (step 4 of 10)` from what a processor reported (`_status_`'s `progress`, a stream's progress event)."""
+    percent = f"{float(progress.get('fraction', 0)) * 100:.0f}%"
+    message = str(progress.get("message") or "")
+    return f"{percent} ({message})" if message else percent
 
 
 def explain_missing(api: Api, service: str, request_id: str, timeout: float | None) -> CliError:
@@ -196,6 +217,70 @@ def wait_for_result(
             if progress is not None:
                 progress.finish("still no result")
             raise explain_missing(api, service, request_id, timeout)
+
+
+def stream_output(
+    api: Api,
+    service: str,
+    request_id: str,
+    *,
+    timeout: float | None,
+    keep: bool,
+    progress: Progress | None,
+    raw: bool,
+) -> bool:
+    """Print a request's output as it streams (chunks on stdout as they come, progress on the progress line);
+    False when it has no stream to read (then its result is read from the sink as without --stream)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    # A broken connection is resumed after the last event seen (Last-Event-ID): a few times, then it is an error.
+    client = Client(api.url, service, token=api.token, retry=RetryPolicy(max_attempts=6, max_wait_seconds=2.0))
+    out = sys.stdout.buffer
+    wrote_newline = True
+    # Keep-alive comments come every few seconds: a read waiting longer than this is a dead connection.
+    read_timeout = 60.0 if timeout is None else max(1.0, min(60.0, timeout))
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.monotonic() >= deadline - 0.1
+
+    try:
+        for event in client.stream(request_id, read_timeout=read_timeout):
+            if out_of_time():
+                break
+            if isinstance(event, Chunk):
+                out.write(event.data)
+                out.flush()
+                wrote_newline = event.data.endswith(b"\n") if event.data else wrote_newline
+            elif isinstance(event, Reported) and progress is not None:
+                progress.show(f"running, {describe_progress(event.raw if isinstance(event.raw, dict) else {})}")
+            elif isinstance(event, Restart) and progress is not None:
+                progress.show("restarted on another worker (its output starts again)")
+            elif isinstance(event, Done):
+                if not raw and not wrote_newline:
+                    out.write(b"\n")
+                    out.flush()
+                if progress is not None:
+                    progress.finish("done" if event.ok else f"failed with status {event.status}")
+                if not keep:  # the result is in the sink too: read with --wait, it is removed as usual
+                    api.result(service, request_id, 0, keep=False)
+                if not event.ok:
+                    raise CliError(
+                        f"the processor answered status {event.status} (request id {request_id})"
+                        + (f": {event.message}" if event.message else ""),
+                        EXIT_REFUSED,
+                    )
+                return True
+    except Unreachable as exc:
+        if not out_of_time():
+            raise CliError(f"stream of {request_id} from {api.url}: {exc}", EXIT_NO_CONNECTION) from None
+    except NotFound:
+        return False  # no stream to read: unknown, or finished with nothing to replay
+    except RequestFailed as exc:
+        raise CliError(f"stream of {request_id}: {exc.status} {exc.detail}", EXIT_REFUSED) from None
+    finally:
+        client.close()
+    if progress is not None:
+        progress.finish("still running")
+    raise explain_missing(api, service, request_id, timeout)
 
 
 def get_command(api: Api, service: str, request_id: str, timeout: float | None = None) -> str:
@@ -297,6 +382,7 @@ def _fail(message: str, exit_code: int) -> NoReturn:
 @click.option("--priority", is_flag=True, help="Put the request ahead of normal ones (_priority_=1).")
 @click.option("--wait", is_flag=True, help="Wait for the result and print it.")
 @click.option("--timeout", type=click.FloatRange(min=0), help="With --wait: seconds to wait before exiting with 3.")
+@click.option("--stream", is_flag=True, help="With --wait: print the output as the processor streams it.")
 @keep_option
 @raw_option
 def put(
@@ -308,6 +394,7 @@ def put(
     priority: bool,
     wait: bool,
     timeout: float | None,
+    stream: bool,
     keep: bool,
     raw: bool,
 ) -> None:
@@ -317,18 +404,21 @@ def put(
     result body; on a terminal, the request id is shown as soon as the put is accepted, then the
     position in the queue, running, and done, with the elapsed time (nothing is shown when stderr
     is not a terminal). Ctrl-C while waiting prints the `get` command that fetches the result
-    later, and exits 130. A service with no live worker is named once; the wait goes on.
+    later, and exits 130. A service with no live worker is named once; the wait goes on. With
+    --stream, the output is printed as the processor streams it (a processor that streams nothing:
+    its result when it ends), and its progress reports drive the progress line.
 
     \b
     Examples:
       echo hello | queue-service put -s echo --wait
+      echo "20 50" | queue-service put -s llm --wait --stream
       queue-service put -s sleep --wait --timeout 60 seconds.txt
       rid=$(echo 2 | queue-service put -s sleep | cut -f2)
     """
     if body_file.isatty():
         raise click.UsageError("no body: give a FILE, or pipe the body in (echo hello | queue-service put -s echo)")
-    if not wait and (timeout is not None or keep or raw):
-        raise click.UsageError("--timeout, --keep and --raw need --wait")
+    if not wait and (timeout is not None or keep or raw or stream):
+        raise click.UsageError("--timeout, --stream, --keep and --raw need --wait")
     body = body_file.read()
     api = Api(url, token)
     started = time.monotonic()
@@ -343,6 +433,10 @@ def put(
             # Before anything else can go wrong: the id is what fetches the result later.
             click.echo(f"accepted: index {index}, request id {request_id}", err=True)
         warn_if_no_live_worker(api, service)
+        if stream:
+            streamed = stream_output(api, service, request_id, timeout=timeout, keep=keep, progress=progress, raw=raw)
+            if streamed:
+                return
         result = wait_for_result(api, service, request_id, timeout=timeout, keep=keep, progress=progress)
     except KeyboardInterrupt:
         if progress is not None:

@@ -112,6 +112,15 @@ class WebhookSettings(_Strict):
         return value
 
 
+class StreamSettings(_Strict):
+    """Ours: the output a request streams while it runs (`GET .../sink?_stream_=true`; workers/streaming.py)."""
+
+    # Bytes of streamed chunks one delivery of a request may write; past it the request fails with 413.
+    max_bytes: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
+    # How long a request's stream stays readable (replayed) after the request ended.
+    ttl_seconds: Annotated[float, Field(gt=0)] = 600
+
+
 class QueueSettings(_Strict):
     """The platform's `queue.*` keys, plus ours (documented in README)."""
 
@@ -133,6 +142,7 @@ class QueueSettings(_Strict):
     # or a Go duration ("10m"); a put's `_ttl_` replaces it for that request.
     request_ttl: Annotated[float, Field(ge=0, le=MAX_TTL_SECONDS)] = 0
     sink: SinkSettings = SinkSettings()
+    stream: StreamSettings = StreamSettings()
 
     @field_validator("request_ttl", mode="before")
     @classmethod
@@ -312,6 +322,12 @@ class Settings(BaseSettings):
     body_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
     # API: bytes of item data in one answer (a get, a watch take); always at least one item.
     max_answer_bytes: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
+    # Workers: streamed chunks and progress are written at most once per this many ms per process (the first
+    # after a quiet spell at once), or as soon as this many are waiting: one round trip for many tokens.
+    stream_flush_ms: Annotated[float, Field(ge=0, le=1000)] = 5.0
+    stream_flush_chunks: Annotated[int, Field(gt=0)] = 256
+    # API: an SSE stream with nothing to send sends a keep-alive comment this often.
+    stream_keepalive_seconds: Annotated[float, Field(gt=0)] = 10.0
     # API: the Bearer token of /dashboard. Empty: the dashboard is served to loopback clients only.
     admin_token: str = ""
     # Webhooks: the API's address as receivers reach it, for the link to a result too large for a payload

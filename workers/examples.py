@@ -1,5 +1,5 @@
-"""Example processors to start from: Echo, Sleep, BatchSim (a batching stand-in for a GPU), and LanguageId,
-a real small model on the CPU.
+"""Example processors to start from: Echo, Sleep, BatchSim (a batching stand-in for a GPU), Tokens (streams
+like an LLM), and LanguageId, a real small model on the CPU.
 
 Run one with e.g. `--processor workers.examples:LanguageId`. LanguageId needs the `examples`
 extra (`pip install 'queue-service[examples]'`); this module imports without it.
@@ -7,10 +7,14 @@ extra (`pip install 'queue-service[examples]'`); this module imports without it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
+from collections.abc import AsyncIterator
 from typing import Any
+
+from workers.context import Progress
 
 
 class Echo:
@@ -59,6 +63,39 @@ class BatchSim:
     def process_batch(self, data: list[bytes]) -> list[dict[str, int]]:
         time.sleep(self.CALL_SECONDS + self.ITEM_SECONDS * len(data))
         return [{"batch": len(data)}] * len(data)
+
+
+class Tokens:
+    """Streams like an LLM: body "N D" yields N text chunks "t0 ", "t1 ", ... D ms apart (D defaults to 50),
+    reporting progress i/N after chunk i. An async generator: one worker process streams `worker_threads`
+    requests at once. Its result in the sink is the chunks joined: "t0 t1 ... ".
+    """
+
+    EXPECTED = '"N" or "N D": N chunks (0-1000000), D ms apart (0-60000, default 50)'
+    MAX_CHUNKS = 1_000_000
+
+    def initialize(self) -> None:
+        """Nothing to load."""
+
+    async def process(self, data: bytes) -> AsyncIterator[str | Progress]:
+        count, delay_ms = self._parse(data)
+        for i in range(count):
+            if i and delay_ms:
+                await asyncio.sleep(delay_ms / 1000)
+            yield f"t{i} "
+            yield Progress((i + 1) / count, f"{i + 1}/{count}")
+
+    def _parse(self, data: bytes) -> tuple[int, float]:
+        words = _read_body(data, self.EXPECTED)
+        parts = words.split() if isinstance(words, str) else []
+        try:
+            count = int(parts[0])
+            delay_ms = float(parts[1]) if len(parts) > 1 else 50.0
+        except (IndexError, ValueError):
+            raise ValueError(f"Tokens expects {self.EXPECTED}; got {_preview(data)}") from None
+        if len(parts) > 2 or not 0 <= count <= self.MAX_CHUNKS or not 0 <= delay_ms <= 60_000:
+            raise ValueError(f"Tokens expects {self.EXPECTED}; got {_preview(data)}")
+        return count, delay_ms
 
 
 class LanguageId:

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from queue_service.store.model import OCTET_STREAM, TEXT_PLAIN, Outcome
 from workers.context import RequestContext
+from workers.streaming import collect, collect_async
 
 APPLICATION_JSON = "application/json"
 
@@ -58,6 +59,7 @@ class LoadedProcessor:
         "batch_only",
         "is_async",
         "path",
+        "streams",
         "target",
         "thread_safe",
     )
@@ -84,7 +86,9 @@ class LoadedProcessor:
         self._initialized = False
         self.batch_only = batch_only
         self._wants_context = _takes_two_arguments(self._process)
-        self.is_async = inspect.iscoroutinefunction(self._process)
+        # A generator `process` streams (workers/streaming.py); an async generator runs on the event loop.
+        self.streams = inspect.isgeneratorfunction(self._process) or inspect.isasyncgenfunction(self._process)
+        self.is_async = inspect.iscoroutinefunction(self._process) or inspect.isasyncgenfunction(self._process)
         # Declarations are read as `is True`: a stray truthy attribute must not change how the code runs.
         self.thread_safe = getattr(target, "thread_safe", False) is True
         self.accepts_batches = getattr(target, "accepts_batches", False) is True
@@ -130,12 +134,19 @@ class LoadedProcessor:
         """Run a sync processor on one request body (and its context, if it takes one); its own exceptions propagate."""
         # Initializing here too means no caller can run a processor whose model is not loaded.
         self.initialize()
-        return normalize_result(self._call(data, context))
+        value = self._call(data, context)
+        if inspect.isgenerator(value):
+            return collect(value, context)
+        return normalize_result(value)
 
     async def process_async(self, data: bytes, context: RequestContext | None = None) -> Outcome:
         """Run an async processor (`async def process`) on one request body."""
         self.initialize()
         value = self._call(data, context)
+        if inspect.isasyncgen(value):
+            return await collect_async(value, context)
+        if inspect.isgenerator(value):
+            return collect(value, context)
         if inspect.isawaitable(value):
             value = await value
         return normalize_result(value)

@@ -20,8 +20,9 @@ import redis
 
 from queue_service.store import connection
 from queue_service.store.consumer import Finish, WorkerStore
-from queue_service.store.model import CANCELLED, HANDED_OVER, Finished, ItemGone, Outcome, StoreError
+from queue_service.store.model import CANCELLED, HANDED_OVER, Finished, Item, ItemGone, Outcome, StoreError
 from queue_service.timings import TimingCounts
+from workers import streaming
 from workers.lease_keeper import SHUTDOWN, Held, LeaseKeeper
 
 log = logging.getLogger("rq.worker")
@@ -57,10 +58,14 @@ class Publisher:
 
     def publish(self, done: Sequence[Done]) -> None:
         """Write every item's end, then stop keeping their leases."""
+        streams = streaming.installed()
         try:
+            if streams is not None:  # what they streamed goes before their results
+                streams.drain(d.held.item for d in done)
             self._publish(done)
         finally:
             self.keeper.drop(d.held for d in done)
+            streaming.forget_all(d.held.item for d in done)
 
     def release(self, helds: Sequence[Held]) -> None:
         """Hand items back unfinished (a stop): another worker may take them at once."""
@@ -69,6 +74,7 @@ class Publisher:
                 self.store.release_many([h.item for h in helds])
         finally:
             self.keeper.drop(helds)
+            streaming.forget_all(h.item for h in helds)
 
     def _publish(self, done: Sequence[Done]) -> None:
         finishes: list[tuple[Done, Finish]] = []
@@ -101,6 +107,7 @@ class Publisher:
             return []
         answers = self._with_redis_retry(lambda: self.store.finish_many([f for _, f in finishes]))
         gone: list[Done] = []
+        ended: list[tuple[Item, Outcome]] = []  # written: their streams (if any) get their done entry
         for (d, finish), answer in zip(finishes, answers, strict=True):
             item = d.held.item
             if isinstance(answer, StoreError):
@@ -109,6 +116,7 @@ class Publisher:
                 else:
                     self._log(d, finish.outcome, "result dropped: another worker took the item over")
                 continue
+            ended.append((item, finish.outcome))
             if finish.held:
                 self.on_finished(item.service, answer)
             if finish.outcome.status == 499 and not finish.held:
@@ -116,6 +124,9 @@ class Publisher:
                 continue
             self.timings.add(item.service, item.queue_wait, d.processing_seconds, time.time() - item.put_ms / 1000)
             self._log(d, finish.outcome, "")
+        streams = streaming.installed()
+        if ended and streams is not None:
+            streams.end(ended)
         return gone
 
     def _log(self, d: Done, outcome: Outcome | None, note: str) -> None:

@@ -13,8 +13,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from queue_service.store.model import EXPIRED_MESSAGE, Item, Outcome
-from workers.context import RequestContext
 from workers.processor import LoadedProcessor, failure_message
+from workers.streaming import context_for
 
 log = logging.getLogger("queue_service.worker")
 
@@ -37,14 +37,14 @@ def _failed(item: Item, exc: Exception) -> Outcome:
 
 def run_item(processor: LoadedProcessor, item: Item) -> Outcome:
     try:
-        return processor.process(item.data, RequestContext.of(item))
+        return processor.process(item.data, context_for(item))
     except Exception as exc:  # the user's code failed on this input: 400, and the worker goes on
         return _failed(item, exc)
 
 
 async def run_item_async(processor: LoadedProcessor, item: Item) -> Outcome:
     try:
-        return await processor.process_async(item.data, RequestContext.of(item))
+        return await processor.process_async(item.data, context_for(item))
     except Exception as exc:
         return _failed(item, exc)
 
@@ -52,7 +52,7 @@ async def run_item_async(processor: LoadedProcessor, item: Item) -> Outcome:
 def run_batch(processor: LoadedProcessor, items: Sequence[Item], run_coroutine: RunCoroutine) -> list[Outcome]:
     """One call of the processor's batch method for `items`; one Outcome per item, in order."""
     data = [item.data for item in items]
-    contexts = [RequestContext.of(item) for item in items]
+    contexts = [context_for(item) for item in items]
     try:
         if processor.batch_is_async:
             return run_coroutine(processor.process_batch_async(data, contexts))

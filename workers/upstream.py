@@ -11,6 +11,13 @@ again `retries` times with a doubling backoff, then the item ends with 502 (no a
 `timeout` seconds). A thread of its own asks `health` every `health_interval_seconds`: the worker counts
 as live for the service, and takes its items, only while the upstream answers it with a 2xx.
 
+An upstream that answers with a stream is passed through chunk by chunk (workers/streaming.py): an SSE answer
+(`text/event-stream`, as vLLM's OpenAI server with `"stream": true`) gives one chunk per event, its `data`
+(a JSON chunk when it parses as JSON, else text), and its result is those chunks joined (JSON Lines); a chunked
+answer gives one chunk per piece received (text for a text/JSON Content-Type, else bytes), and its result is
+the body as it came. Once something was streamed a failed attempt is not tried again (the client has seen
+its output): it ends with 502 or 504 at once.
+
 Forwarded: the body; `Content-Type` as the client sent it (`application/octet-stream` when it sent none);
 `X-Eas-Queueservice-Request-Id`; the service's `upstream.headers`. Nothing else of the client's request is
 stored, so nothing else (its token, cookies, other headers, the tags) reaches the upstream.
@@ -19,20 +26,26 @@ stored, so nothing else (its token, cookies, other headers, the tags) reaches th
 from __future__ import annotations
 
 import asyncio
+import codecs
+import json
 import logging
 import threading
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+from httpx_sse import EventSource
 
 from queue_service.config import UpstreamSettings
 from queue_service.protocol import REQUEST_ID_HEADER
 from queue_service.store.model import OCTET_STREAM, Outcome
 from workers.context import RequestContext
+from workers.streaming import BYTES, JSON, TEXT, Joined, RequestStream, StreamTooLarge
 
 log = logging.getLogger("rq.worker")
 BAD_GATEWAY, GATEWAY_TIMEOUT = 502, 504
 HEALTH_TIMEOUT_SECONDS = 5.0
+TOO_LARGE = 413
+_TEXTUAL = ("text/", "application/json", "application/x-ndjson")
 
 
 class Upstream:
@@ -114,6 +127,7 @@ class Upstream:
             **settings.headers,
         }
         failure = Outcome.failure(BAD_GATEWAY, "no attempt")
+        stream = context.stream if isinstance(context.stream, RequestStream) else None
         for attempt in range(settings.retries + 1):
             if attempt:
                 await asyncio.sleep(settings.backoff_seconds * 2 ** (attempt - 1))
@@ -122,22 +136,65 @@ class Upstream:
             try:
                 # The whole attempt is bounded: httpx's read timeout is per read, a trickling upstream resets it.
                 async with asyncio.timeout(settings.timeout):
-                    response = await client.post(url, content=data, headers=headers)
+                    async with client.stream("POST", url, content=data, headers=headers) as response:
+                        return await _read(response, stream)
+            except StreamTooLarge as exc:
+                return Outcome.failure(TOO_LARGE, str(exc))
             except (TimeoutError, httpx.TimeoutException):
                 failure = Outcome.failure(
                     GATEWAY_TIMEOUT, f"upstream {url} did not answer within upstream.timeout={settings.timeout:g}s"
                 )
             except httpx.TransportError as exc:
                 failure = Outcome.failure(BAD_GATEWAY, f"upstream {url}: {type(exc).__name__}: {exc}")
-            else:
-                return _outcome_of(response)
             finally:
                 pool.put_nowait(client)
             log.info("request %s: attempt %d: %s", context.request_id, attempt + 1, failure.message)
+            if stream is not None and stream.used:  # its client has seen output: no second attempt
+                return Outcome.failure(failure.status, f"{failure.message} (after {stream.used} bytes were streamed)")
         return Outcome.failure(failure.status, f"{failure.message} ({settings.retries + 1} attempts)")
 
 
-def _outcome_of(response: httpx.Response) -> Outcome:
+async def _read(response: httpx.Response, stream: RequestStream | None) -> Outcome:
+    """The upstream's answer as the result; an SSE or chunked answer streamed on the way (see the module)."""
     status = response.status_code
     message = "" if 200 <= status < 300 else f"upstream answered {status}"
-    return Outcome(response.content, status, response.headers.get("content-type", OCTET_STREAM), message)
+    content_type = response.headers.get("content-type", OCTET_STREAM)
+    chunked = response.headers.get("transfer-encoding", "").lower() == "chunked"
+    if stream is not None and content_type.startswith("text/event-stream"):
+        joined = Joined()
+        async for sse in EventSource(response).aiter_sse():
+            encoding, value = _event_chunk(sse.data)
+            stream.add(encoding, value)
+            joined.add(encoding, value)
+        outcome = joined.outcome()
+        return Outcome(outcome.body, status, outcome.content_type, message)
+    if stream is None or not chunked:
+        return Outcome(await response.aread(), status, content_type, message)
+    parts: list[bytes] = []
+    decoder = codecs.getincrementaldecoder("utf-8")() if content_type.startswith(_TEXTUAL) else None
+    async for piece in response.aiter_bytes():
+        parts.append(piece)
+        if decoder is not None:
+            try:
+                text = decoder.decode(piece)
+            except UnicodeDecodeError:  # not text after all: bytes from here on
+                decoder = None
+                stream.add(BYTES, piece)
+                continue
+            if text:
+                stream.add(TEXT, text.encode())
+        else:
+            stream.add(BYTES, piece)
+    return Outcome(b"".join(parts), status, content_type, message)
+
+
+def _event_chunk(data: str) -> tuple[str, bytes]:
+    """An upstream SSE event's data as a chunk: JSON when it parses as a JSON object or list, else text."""
+    if data[:1] in ("{", "["):
+        try:
+            json.loads(data)
+        except ValueError:
+            pass
+        else:
+            return JSON, data.encode()
+    return TEXT, data.encode()

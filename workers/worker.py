@@ -50,6 +50,7 @@ from workers.plan import ServicePlan, plan_service
 from workers.processor import ProcessorLoadError
 from workers.results import Done, Publisher
 from workers.runner import ProcessingTimeout, expired, given_up, run_batch, run_item
+from workers.streaming import StreamWriter, install
 from workers.watchdog import Watchdog
 
 # Exit code of a worker whose services file or processor cannot be used (sysexits' EX_CONFIG).
@@ -137,6 +138,8 @@ class QueueWorker(SimpleWorker):
             webhook_inline_bytes={s.name: s.webhook.max_result_bytes for s in self.services if s.webhook is not None},
         )
         self.timings = TimingCounts()
+        # What running requests stream (generator processors, progress) goes to Redis from one thread.
+        install(StreamWriter(self.store, self.services, settings.stream_flush_ms, settings.stream_flush_chunks))
         self._stop_asked_at: float | None = None
         self._cold_stop = False
         self.keeper = LeaseKeeper(

@@ -155,9 +155,21 @@ async def search(request: Request, call: QueueCall) -> Response:
     position = await call.app.store.search(call.qk, index, group)
     if position is None:
         raise ApiError(404, "no data in stream")
-    return JSONResponse(
-        {"ConsumerId": position.consumer_id, "IsPending": position.is_pending, "WaitCount": position.wait_count}
-    )
+    body: dict[str, object] = {
+        "ConsumerId": position.consumer_id,
+        "IsPending": position.is_pending,
+        "WaitCount": position.wait_count,
+    }
+    if call.queue == "input" and position.is_pending:
+        progress = await _progress_at(call, index)
+        if progress is not None:
+            body["Progress"] = progress  # ours: what the processor last reported (workers/context.py)
+    return JSONResponse(body)
+
+
+async def _progress_at(call: QueueCall, index: int) -> dict[str, object] | None:
+    request_id = await call.app.store.request_id_at(call.qk, index)
+    return await call.app.store.progress(call.service.name, request_id) if request_id else None
 
 
 async def status(request: Request, call: QueueCall) -> Response:
@@ -168,7 +180,12 @@ async def status(request: Request, call: QueueCall) -> Response:
     found = await call.app.store.status(call.service.name, request_id)
     if found is None:
         raise ApiError(404, f"request id {request_id!r} is unknown to service {call.service.name!r} (or expired)")
-    return JSONResponse(status_body(request_id, found))
+    body = status_body(request_id, found)
+    if found.state == "running":
+        progress = await call.app.store.progress(call.service.name, request_id)
+        if progress is not None:
+            body["progress"] = progress  # what the processor last reported (workers/context.py)
+    return JSONResponse(body)
 
 
 def status_body(request_id: str, found: RequestState) -> dict[str, object]:

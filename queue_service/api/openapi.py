@@ -64,6 +64,11 @@ GET_PARAMS = [
     _param("_attrs_", "answer the queue's attributes instead", {"type": "boolean"}),
     _param("_search_", "answer where item _index_ stands: {ConsumerId, IsPending, WaitCount}", {"type": "boolean"}),
     _param("_status_", "answer the state of request `requestId`", {"type": "boolean"}),
+    _param(
+        "_stream_",
+        "sink: answer what request `requestId` streams, as Server-Sent Events (progress, chunk, restart, done)",
+        {"type": "boolean"},
+    ),
     _param("_count_", "answer how many items the queue holds (a plain integer; with _priority_: priority ones)"),
     _param(
         "_watch_",

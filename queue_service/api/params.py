@@ -37,6 +37,7 @@ KNOWN_CONTROLS = frozenset(
         "_eos_",
         "_force_",
         "_negative_",
+        "_stream_",
     }
 )
 # Not tags: the request id selects an item on get.

@@ -16,7 +16,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from queue_service.api import inspect, put_options, put_wait, reads, registry, sync, watch
+from queue_service.api import inspect, put_options, put_wait, reads, registry, stream, sync, watch
 from queue_service.api.errors import ApiError
 from queue_service.api.params import Params
 from queue_service.api.preamble import QueueCall, identity, queue_call
@@ -88,6 +88,7 @@ async def get(request: Request, queue: QueueName) -> Response:
         ("_status_", "status", inspect.status),
         ("_count_", "count", count),
         ("_watch_", "watch", watch.http_watch),
+        ("_stream_", "stream", stream.sink_stream),
     ):
         if params.flag(flag):
             request.state.operation = operation
@@ -212,6 +213,8 @@ async def sync_endpoint(request: Request) -> Response:
     request.state.operation = "sync"
     call: QueueCall = await queue_call(request, "input", allowed=(), with_body=True)
     path = request.path_params.get("sub_path", "").strip("/")
+    if stream.wants_stream(request):
+        return await stream.sync_stream(request, call, path=path)
     return await sync.call(request, call, path=path)
 
 

@@ -7,6 +7,9 @@ Instead each service has one reader task per API process, blocked in one XREAD o
 waiters; each waiter waits on an asyncio event. A waiter registers before it reads, so nothing put after
 its read can slip past: the reader reads each stream from the last index it saw.
 
+A client streaming a request's output (`api/stream.py`) waits the same way on that request's stream
+(`on_stream`): the reader adds the stream to its XREAD while someone waits on it.
+
 Watches of a client group also need to hear when an item of their group's lease lapses (a consumer left
 it) and to keep their group marked live: one ticker per service does both for every group, not each watch.
 """
@@ -32,6 +35,8 @@ from queue_service.store.scripts import decode_reply
 log = logging.getLogger("queue_service.api.waiters")
 
 BLOCK_MS = 5000
+# How long a cancelled XREAD is waited for before it is left to end by itself (see `_abandon`).
+ABANDON_WAIT_SECONDS = 0.05
 READ_COUNT = 64
 # A stream stays in the reader's XREAD this long after its last waiter left: steady traffic never makes the
 # reader restart its XREAD (which costs a reconnect).
@@ -75,6 +80,46 @@ class Waiter:
         return True
 
 
+# What a stream waiter keeps of what the reader read for it (its client is slow past this: it reads again).
+STREAM_BUFFER_BYTES = 1 << 20
+STREAM_BUFFER_ENTRIES = 4096
+RawEntries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+class StreamWaiter(Waiter):
+    """A wait on one request's stream that also keeps the entries the reader read of it, so that a client
+    that keeps up never reads the stream itself. Bounded: past `STREAM_BUFFER_*` what it kept is dropped and
+    `take` says so (None); its client then reads the stream from Redis, a page at a time."""
+
+    __slots__ = ("entries", "overflowed", "size")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries: RawEntries = []
+        self.overflowed = False
+        self.size = 0
+
+    def keep(self, entries: RawEntries) -> None:
+        if self.overflowed:
+            return
+        self.size += sum(len(value) for _, fields in entries for value in fields.values())
+        if self.size > STREAM_BUFFER_BYTES or len(self.entries) + len(entries) > STREAM_BUFFER_ENTRIES:
+            self.overflowed, self.entries, self.size = True, [], 0
+            return
+        self.entries.extend(entries)
+
+    def take(self) -> RawEntries | None:
+        """What was kept since the last take (None: some was dropped since the last `reset`)."""
+        if self.overflowed:
+            return None
+        entries, self.entries, self.size = self.entries, [], 0
+        return entries
+
+    def reset(self) -> None:
+        """Before reading the stream from Redis: keep from now on."""
+        self.entries, self.overflowed, self.size = [], False, 0
+
+
 def for_request_id(request_id: str) -> Match:
     wanted = request_id.encode()
     return lambda index, fields: fields.get(b"rid") == wanted
@@ -93,9 +138,28 @@ class _QueueWaiters:
 
 
 @dataclass
+class _StreamWaiters:
+    cursor: str  # the last entry id the reader saw in the request's stream
+    waiters: set[StreamWaiter] = field(default_factory=set)
+
+
+@dataclass
 class _GroupWaiters:
     lease_ms: int
     waiters: set[Waiter] = field(default_factory=set)
+
+
+async def _abandon(read: asyncio.Future[Entries]) -> None:
+    """Cancel a blocked XREAD without waiting for it: redis-py swallows a cancel that lands while the
+    connection is being set up and then blocks the whole BLOCK_MS (seen with redis-py 8.1: a new stream's
+    first entries came 5 s late). Its answer is never used: the next XREAD reads from the same cursors."""
+    read.cancel()
+    await asyncio.wait({read}, timeout=ABANDON_WAIT_SECONDS)
+    if read.done():
+        with contextlib.suppress(asyncio.CancelledError, redis.exceptions.RedisError):
+            read.result()
+    else:
+        read.add_done_callback(lambda future: future.cancelled() or future.exception())
 
 
 class ServiceWaiters:
@@ -109,6 +173,7 @@ class ServiceWaiters:
         self.queues: dict[QueueName, _QueueWaiters] = {}
         self.groups: dict[tuple[QueueName, str], _GroupWaiters] = {}
         self.replies: dict[str, asyncio.Future[Reply]] = {}
+        self.streams: dict[str, _StreamWaiters] = {}  # a request's stream key -> its waiters
         self._reply_cursor = "0-0"
         self._replies_idle_since: float | None = None
         self._changed = asyncio.Event()
@@ -142,6 +207,26 @@ class ServiceWaiters:
             entry.waiters.discard(waiter)
             if not entry.waiters:
                 entry.idle_since = time.monotonic()
+
+    @asynccontextmanager
+    async def on_stream(self, request_id: str) -> AsyncIterator[StreamWaiter]:
+        """Wait on one request's stream: woken (and given the entries) when the reader sees new entries in it.
+        Register, then read the stream yourself: nothing written after that read is missed."""
+        key = keys.chunks(self.service, request_id)
+        waiter = StreamWaiter()
+        entry = self.streams.get(key)
+        if entry is None:
+            last = await self.store.stream_last_id(self.service, request_id)
+            entry = self.streams.setdefault(key, _StreamWaiters(last))
+            self._start_reader()
+            self._changed.set()
+        entry.waiters.add(waiter)
+        try:
+            yield waiter
+        finally:
+            entry.waiters.discard(waiter)
+            if not entry.waiters and self.streams.get(key) is entry:
+                del self.streams[key]  # no linger: a request's stream is waited on by its own clients only
 
     def sees_after(self, queue: QueueName, index: int) -> bool:
         """Whether the reader will wake waiters for every item put after `index` (it has not read past it)."""
@@ -216,6 +301,8 @@ class ServiceWaiters:
             if entry.cursor is not None:
                 qk = keys.queue_keys(self.service, queue)
                 streams[qk.high] = streams[qk.normal] = keys.stream_id(entry.cursor)
+        for key, waiting in self.streams.items():
+            streams[key] = waiting.cursor
         if self.replies or (self._replies_idle_since is not None and now - self._replies_idle_since <= LINGER_SECONDS):
             streams[self.reply_stream] = self._reply_cursor
         elif self._replies_idle_since is not None:
@@ -226,7 +313,7 @@ class ServiceWaiters:
         while True:
             streams = self._streams()
             if not streams:
-                if not self.queues:
+                if not self.queues and not self.streams:
                     return
                 await asyncio.sleep(0.05)  # a queue whose cursor is being read: its waiter sets _changed
                 continue
@@ -236,17 +323,13 @@ class ServiceWaiters:
             try:
                 done, _ = await asyncio.wait({read, changed}, return_when=asyncio.FIRST_COMPLETED)
             except asyncio.CancelledError:  # closing: the XREAD in flight goes too
-                read.cancel()
-                with contextlib.suppress(asyncio.CancelledError, redis.exceptions.RedisError):
-                    await read
+                await _abandon(read)
                 raise
             finally:
                 changed.cancel()
             if read not in done:
                 # A stream was added: restart the XREAD with it (the cancelled read's connection is dropped).
-                read.cancel()
-                with contextlib.suppress(asyncio.CancelledError, redis.exceptions.RedisError):
-                    await read
+                await _abandon(read)
                 continue
             try:
                 answer = read.result()
@@ -266,6 +349,17 @@ class ServiceWaiters:
                     if future is not None and not future.done():
                         future.set_result(reply)
                 continue
+            waiting = self.streams.get(name)
+            if waiting is not None:
+                if entries:
+                    last = entries[-1][0]
+                    waiting.cursor = last.decode() if isinstance(last, bytes) else last
+                for stream_waiter in waiting.waiters:
+                    stream_waiter.keep(entries)
+                    stream_waiter.event.set()
+                continue
+            if name.split(":")[2] == "chunks":
+                continue  # its last waiter left while the reader read it
             queue: QueueName = "sink" if name.split(":")[2] == "sink" else "input"
             entry = self.queues.get(queue)
             if entry is None:

@@ -24,7 +24,7 @@ from queue_service.client.errors import (
 )
 from queue_service.client.retrying import RetryPolicy
 from queue_service.client.sync import Client
-from queue_service.client.types import Chunk, Done, Progress, Result, Status, StreamEvent, Submitted
+from queue_service.client.types import Chunk, Done, Progress, Restart, Result, Status, StreamEvent, Submitted
 
 __all__ = [
     "AsyncClient",
@@ -37,6 +37,7 @@ __all__ = [
     "QueueFull",
     "RateLimited",
     "RequestFailed",
+    "Restart",
     "Result",
     "RetryPolicy",
     "Status",

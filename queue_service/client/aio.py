@@ -115,7 +115,8 @@ class AsyncClient:
         await self.send(calls.delete(self.service, found.index))
         return True
 
-    async def stream(self, request_id: str) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request_id: str, *, read_timeout: float | None = None) -> AsyncIterator[StreamEvent]:
+        """As `Client.stream`."""
         call = calls.stream(self.service, request_id)
         last_id = ""
         async for attempt in self.retry.asynchronous():
@@ -128,7 +129,7 @@ class AsyncClient:
                         call.path,
                         params=call.params,
                         headers=headers,
-                        timeout=httpx.Timeout(self.timeout, read=None),
+                        timeout=httpx.Timeout(self.timeout, read=read_timeout),
                     ) as source:
                         if source.response.status_code >= 400:
                             await source.response.aread()

@@ -18,7 +18,7 @@ import httpx
 from httpx_sse import ServerSentEvent
 
 from queue_service.client.errors import raise_for
-from queue_service.client.types import Chunk, Done, Progress, Result, Status, StreamEvent, Submitted
+from queue_service.client.types import Chunk, Done, Progress, Restart, Result, Status, StreamEvent, Submitted
 from queue_service.protocol import INDEX_HEADER, LAST_CODE_HEADER, REQUEST_ID_HEADER
 
 # The server's longest long poll (params.MAX_TIMEOUT_SECONDS); longer waits are several polls.
@@ -142,9 +142,12 @@ def stream(service: str, request_id: str) -> Call:
 
 
 def stream_event(sse: ServerSentEvent) -> StreamEvent | None:
-    """One SSE event of a request's stream (the streaming API: progress, chunk, done); None for others."""
+    """One SSE event of a request's stream (progress, chunk, restart, done); None for others."""
     if sse.event == "chunk":
-        return Chunk(_chunk_bytes(sse.data), sse.id or "")
+        return Chunk(chunk_bytes(sse.data), sse.id or "")
+    if sse.event == "restart":
+        body = _json(sse.data)
+        return Restart(int(body.get("delivery", 0)) if isinstance(body, dict) else 0, sse.id or "")
     if sse.event == "progress":
         body = _json(sse.data)
         fraction = body.get("fraction", body.get("progress")) if isinstance(body, dict) else None
@@ -158,13 +161,17 @@ def stream_event(sse: ServerSentEvent) -> StreamEvent | None:
     return None
 
 
-def _chunk_bytes(data: str) -> bytes:
-    # Text chunks come as they are; binary ones as JSON saying base64 (the streaming API's contract).
-    if data.startswith("{"):
-        body = _json(data)
-        if isinstance(body, dict) and (body.get("encoding") == "base64" or "base64" in body):
-            return base64.b64decode(str(body.get("data", body.get("base64", ""))))
-    return data.encode()
+def chunk_bytes(data: str) -> bytes:
+    """A chunk event's data as the chunk's bytes: the API sends `{"text": ...}`, `{"base64": ...}` or
+    `{"json": ...}` (api/stream.py); a JSON chunk is its JSON text and a newline, as in the joined result."""
+    body = _json(data)
+    if not isinstance(body, dict):
+        return data.encode()
+    if "text" in body:
+        return str(body["text"]).encode()
+    if "base64" in body:
+        return base64.b64decode(str(body["base64"]))
+    return json.dumps(body.get("json"), ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
 def _json(data: str) -> Any:

@@ -154,8 +154,11 @@ class Client:
         self.send(calls.delete(self.service, found.index))
         return True
 
-    def stream(self, request_id: str) -> Iterator[StreamEvent]:
-        """Progress and chunks of a request as they come, then `Done` (SSE; reconnects with Last-Event-ID)."""
+    def stream(self, request_id: str, *, read_timeout: float | None = None) -> Iterator[StreamEvent]:
+        """Progress and chunks of a request as they come, then `Done` (SSE; reconnects with Last-Event-ID).
+
+        The API sends a keep-alive every few seconds: `read_timeout` (seconds) ends a stream whose connection
+        went silent for that long (Unreachable, retried like a broken connection); None waits forever."""
         call = calls.stream(self.service, request_id)
         last_id = ""
         for attempt in self.retry.sync():
@@ -168,7 +171,7 @@ class Client:
                         call.path,
                         params=call.params,
                         headers=headers,
-                        timeout=httpx.Timeout(self.timeout, read=None),
+                        timeout=httpx.Timeout(self.timeout, read=read_timeout),
                     ) as source:
                         if source.response.status_code >= 400:
                             source.response.read()

@@ -134,4 +134,12 @@ class Done:
         return self.status == 200
 
 
-StreamEvent = Progress | Chunk | Done
+@dataclass(frozen=True, slots=True)
+class Restart:
+    """The request was handed to another worker (the one before stopped): its output starts again from here."""
+
+    delivery: int
+    id: str = ""
+
+
+StreamEvent = Progress | Chunk | Restart | Done

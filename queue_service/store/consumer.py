@@ -173,6 +173,10 @@ class WorkerStore:
         wait = (max(r.replicas for r in rules), max(r.timeout_ms for r in rules)) if rules else None
         return self.scripts.run_many(calls, self.redis, wait=wait) if calls else []
 
+    def write_streams(self, calls: Sequence[scripts.Call[bool]]) -> list[bool | StoreError]:
+        """What requests streamed (`scripts.chunks_append` / `chunks_end` calls), all in one round trip."""
+        return self.scripts.run_many(calls, self.redis) if calls else []
+
     def heartbeat(self, services: Iterable[str], ttl: float) -> None:
         """Count this worker as live for each service for the next `ttl` seconds."""
         self.tick(Tick(list(services)), ttl)

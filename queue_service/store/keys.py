@@ -238,6 +238,17 @@ def expiry_lock(service: str) -> str:
     return f"{_service(service)}:deadlines:sweep"
 
 
+def chunks(service: str, request_id: str) -> str:
+    """Stream of what one request streamed while it ran: chunks, progress, a restart per new delivery, and a
+    final done entry (workers/streaming.py). Capped in bytes per delivery; expires a while after the end."""
+    return f"{_service(service)}:chunks:{request_id}"
+
+
+def progress(service: str, request_id: str) -> str:
+    """String: the last progress one request reported (JSON `fraction`, `message`, `at`); expires with its chunks."""
+    return f"{_service(service)}:progress:{request_id}"
+
+
 def service_keys(service: str) -> list[str]:
     """Every fixed-name key of a service (not the reply streams of API processes, which expire by themselves)."""
     return [

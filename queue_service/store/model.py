@@ -300,6 +300,18 @@ class Position:
     wait_count: int
 
 
+@dataclass(frozen=True, slots=True)
+class StreamEntry:
+    """One entry of a request's stream (`qs:{s}:chunks:<rid>`): `kind` is chunk, progress, restart or done;
+    a chunk's `encoding` is text, bytes or json; progress and done carry JSON in `value`."""
+
+    id: str
+    kind: Literal["chunk", "progress", "restart", "done"]
+    delivery: int
+    value: bytes = b""
+    encoding: Literal["text", "bytes", "json", ""] = ""
+
+
 # --- what the dashboard reads --------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from queue_service.store.model import (
     Read,
     Refused,
     RunningItem,
+    StreamEntry,
     WatchConsumer,
     WatchDelivery,
     WebhookCounts,
@@ -606,6 +607,55 @@ class QueueStore:
             for entry in json.loads(held)
         ]
         return sorted(items, key=lambda item: (item.started_at_ms, item.index))
+
+    # --- what a request streams while it runs (written by workers/streaming.py) ---------------------
+
+    async def stream_after(self, service: str, request_id: str, after: str, count: int) -> list[StreamEntry]:
+        """Up to `count` entries of the request's stream after entry id `after` ('0-0': from the start)."""
+        raw: Any = await self.redis.xrange(keys.chunks(service, request_id), f"({after}", "+", count=count)
+        return [stream_entry(entry_id, fields) for entry_id, fields in raw]
+
+    async def stream_last_id(self, service: str, request_id: str) -> str:
+        """The id of the last entry of the request's stream ('0-0' when it has none)."""
+        raw: Any = await self.redis.xrevrange(keys.chunks(service, request_id), count=1)
+        return _text(raw[0][0]) if raw else "0-0"
+
+    async def stream_entry_at(self, service: str, request_id: str, entry_id: str) -> StreamEntry | None:
+        raw: Any = await self.redis.xrange(keys.chunks(service, request_id), entry_id, entry_id)
+        return stream_entry(*raw[0]) if raw else None
+
+    async def stream_exists(self, service: str, request_id: str) -> bool:
+        return bool(await self.redis.exists(keys.chunks(service, request_id)))
+
+    async def progress(self, service: str, request_id: str) -> dict[str, Any] | None:
+        """The last progress the request reported (`fraction`, `message`, `at` ms), or None."""
+        raw = await self.redis.get(keys.progress(service, request_id))
+        return json.loads(raw) if raw else None
+
+    async def request_id_at(self, qk: QueueKeys, index: int) -> str:
+        """The request id of the item at `index` ('' when it is not there)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in qk.streams:
+                pipe.xrange(stream, keys.stream_id(index), keys.stream_id(index))
+            found = await pipe.execute()
+        for entries in found:
+            for _, fields in entries:
+                return _text(fields.get(b"rid", b""))
+        return ""
+
+
+_KINDS: dict[bytes, Any] = {b"c": "chunk", b"p": "progress", b"r": "restart", b"d": "done"}
+_ENCODINGS: dict[bytes, Any] = {b"t": "text", b"b": "bytes", b"j": "json"}
+
+
+def stream_entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StreamEntry:
+    return StreamEntry(
+        id=_text(entry_id),
+        kind=_KINDS.get(fields.get(b"k", b""), "chunk"),
+        delivery=int(fields.get(b"dl", b"1")),
+        value=bytes(fields.get(b"v", b"")),
+        encoding=_ENCODINGS.get(fields.get(b"e", b""), ""),
+    )
 
 
 Entries = list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]

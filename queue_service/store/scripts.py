@@ -77,6 +77,7 @@ NAMES = (
     "eos",
     "negative",
     "count",
+    "chunks",
 )
 # How many replies one API process's reply stream keeps (it reads them as they come).
 REPLY_STREAM_MAXLEN = 10_000
@@ -843,3 +844,37 @@ def hook_revive(service: str, entry_ids: Sequence[str] = (), *, most: int = 1000
     """Send dead letters again (these, or the oldest `most`), same webhook ids; how many went back."""
     hooks = keys.webhooks(service)
     return Call("hook_revive", [hooks.stream, hooks.dead, hooks.requests], [most, *entry_ids], int)
+
+
+# --- what a request streams while it runs (workers/streaming.py writes, api/stream.py reads) -----
+
+
+def chunks_append(
+    service: str,
+    request_id: str,
+    *,
+    delivery: int,
+    entries: Sequence[tuple[str, str, bytes | str]],
+    progress_json: str = "",
+    ttl_ms: int,
+) -> Call[bool]:
+    """Append (kind 'c' chunk / 'p' progress, encoding, value) entries; False when a later delivery owns the stream."""
+    flat: list[Arg] = [part for entry in entries for part in entry]
+    return Call(
+        "chunks",
+        [keys.chunks(service, request_id), keys.progress(service, request_id)],
+        ["append", delivery, ttl_ms, progress_json, *flat],
+        lambda raw: int(raw) == 1,
+    )
+
+
+def chunks_end(
+    service: str, request_id: str, *, delivery: int, done_json: str, ttl_ms: int, if_exists: bool
+) -> Call[bool]:
+    """End a request's stream with its done entry (expiring `ttl_ms` later); False when not written."""
+    return Call(
+        "chunks",
+        [keys.chunks(service, request_id), keys.progress(service, request_id)],
+        ["end", delivery, ttl_ms, done_json, "1" if if_exists else "0"],
+        lambda raw: int(raw) == 1,
+    )

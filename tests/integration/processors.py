@@ -46,3 +46,54 @@ class ThreadSafeSleep:
         seconds = float(data)
         time.sleep(seconds)
         return {"slept": seconds}
+
+
+class Streams:
+    """A streaming processor whose body says what it streams:
+
+    `bytes` -> two binary chunks; `json` -> two JSON chunks; `mixed` -> text, bytes, JSON; `fill:<n>:<size>` ->
+    n chunks of `size` bytes ("x"), appending to `path` (`fill:<n>:<size>:<path>`) when it is told its output
+    is too large; `wait:<s>` -> sleeps s seconds, then one chunk (nothing before); `progress:<n>` -> n progress reports
+    through the context, no chunks, then the result "reported"; `fail` -> a chunk, then ValueError.
+    """
+
+    def process(self, data: bytes, context: Any) -> Any:
+        body = data.decode()
+        if body.startswith("progress:"):
+            return self._progress(int(body.split(":")[1]), context)
+        return self._stream(body)
+
+    def _progress(self, count: int, context: Any) -> str:
+        for i in range(count):
+            time.sleep(0.05)
+            context.progress((i + 1) / count, f"step {i + 1} of {count}")
+        return "reported"
+
+    def _stream(self, body: str) -> Any:
+        from workers.streaming import StreamTooLarge
+
+        if body == "bytes":
+            yield b"\x00\x01\xff"
+            yield b"\xfe"
+        elif body == "json":
+            yield {"token": "a"}
+            yield [1, 2]
+        elif body == "mixed":
+            yield "text "
+            yield b"\xff"
+            yield {"n": 1}
+        elif body.startswith("fill:"):
+            _, count, size, marks = body.split(":", 3)
+            try:
+                for _ in range(int(count)):
+                    yield "x" * int(size)
+            except StreamTooLarge:
+                with open(marks, "a") as out:
+                    out.write("told: too large\n")
+                raise
+        elif body.startswith("wait:"):
+            time.sleep(float(body.split(":")[1]))
+            yield "late"
+        elif body == "fail":
+            yield "before the failure "
+            raise ValueError("failed mid-stream")

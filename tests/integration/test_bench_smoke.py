@@ -49,3 +49,16 @@ def test_bench_batching_smoke_prints_its_table() -> None:
     assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
     for what in ("batching on", "lone sync request p50", "worker_threads 1", "the upstream called directly"):
         assert what in done.stdout, f"no {what!r} row in:\n{done.stdout[-3000:]}"
+
+
+def test_bench_streaming_smoke_prints_its_table() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.streaming", "--smoke"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    for what in ("yield to SSE client p50", "chunks to one SSE client", "yield to client p99", "Redis CPU"):
+        assert what in done.stdout, f"no {what!r} row in:\n{done.stdout[-3000:]}"

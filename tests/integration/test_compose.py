@@ -44,7 +44,7 @@ DOCKERFILE = REPO_ROOT / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
 # The programs of the services' commands: the console scripts the project's dependencies install.
 VENV_BIN = Path(sys.executable).parent
-APP_SERVICES = ("api", "worker")
+APP_SERVICES = ("api", "worker", "webhooks")
 SLOW_START = "tests.support.slow_start:SlowStart"
 
 
@@ -189,10 +189,11 @@ def test_one_redis_setting_serves_the_api_the_workers_and_rq_dashboard(compose: 
 
 def test_the_app_image_is_built_once_and_only_processes_without_a_handler_get_an_init(compose: dict[str, Any]) -> None:
     app = [name for name, spec in compose["services"].items() if spec.get("image") == "queue-service:local"]
-    assert sorted(app) == ["api", "worker"]
+    assert sorted(app) == ["api", "webhooks", "worker"]
     assert [name for name in app if "build" in service(compose, name)] == ["api"]
-    assert service(compose, "worker")["pull_policy"] == "never"
-    # uvicorn and our worker handle SIGTERM themselves; rq-dashboard does not, and as PID 1 would ignore it.
+    assert service(compose, "worker")["pull_policy"] == service(compose, "webhooks")["pull_policy"] == "never"
+    # The API, our worker and the webhook dispatcher handle SIGTERM themselves; rq-dashboard does not, and
+    # as PID 1 would ignore it.
     assert service(compose, "rq-dashboard")["init"] is True
     assert not any(service(compose, name).get("init") for name in APP_SERVICES)
 
@@ -295,10 +296,14 @@ def test_dockerfile_builds_the_compose_targets_from_python_slim_as_a_non_root_us
 
 def test_the_services_commands_are_installed_by_the_project(compose: dict[str, Any]) -> None:
     requirements = " ".join(metadata.requires("queue-service") or [])
-    for name, package in (("api", "uvicorn"), ("worker", "rq")):
-        program = command_of(service(compose, name))[0]
-        assert program == package and package in requirements
+    assert "rq" in requirements
+    console = metadata.entry_points(group="console_scripts")
+    scripts = {entry.name for entry in console if entry.value.startswith("queue_service")}
+    for name, program in (("api", "queue-service"), ("worker", "rq"), ("webhooks", "queue-service")):
+        assert command_of(service(compose, name))[0] == program
+        assert program == "rq" or program in scripts, f"{program} is not a console script of the project"
         assert shutil.which(program, path=str(VENV_BIN)), f"{program} is not installed in {VENV_BIN}"
+    assert command_of(service(compose, "api"))[1] == "api" and command_of(service(compose, "webhooks"))[1] == "webhooks"
 
 
 # --- the api and worker commands, run as local processes ----------------------------------
@@ -450,3 +455,18 @@ def test_compose_worker_exits_promptly_on_a_stop_while_its_processor_loads(
     assert code == 0, worker.log_tail()
     assert took < 10, f"exited {took:.1f} s after SIGTERM"
     assert "stopped while loading" in worker.log_text()
+
+
+def test_compose_webhook_dispatcher_serves_the_services_and_stops_on_its_stop_signal(
+    compose: dict[str, Any], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    argv, env = localize(compose, "webhooks", redis_server.url, free_port())
+    dispatcher = ManagedProcess(argv, name="compose-webhooks", env=env, log_dir=tmp_path, cwd=REPO_ROOT)
+    try:
+        wait_until_ready(dispatcher, lambda: "webhook dispatcher" in dispatcher.log_text(), 60, "serving")
+        assert "echo" in dispatcher.log_text()  # it read the mounted services file, and reached Redis
+        dispatcher.terminate()  # SIGTERM, compose's stop_signal
+        code = dispatcher.wait(timeout=30)
+    finally:
+        dispatcher.stop()
+    assert code == 0, dispatcher.log_tail()

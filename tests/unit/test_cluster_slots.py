@@ -69,6 +69,9 @@ def every_call(service: str) -> Iterator[scripts.Call[Any]]:
     yield scripts.holding(service, most=5)
     yield scripts.failures(service, scan=5, message_bytes=10)
     yield scripts.peek(service, 1, max_bytes=10)
+    yield scripts.chunks_append(service, "r", delivery=1, entries=[("c", "t", "x")], progress_json="{}", ttl_ms=9)
+    for if_exists in (False, True):
+        yield scripts.chunks_end(service, "r", delivery=1, done_json="{}", ttl_ms=9, if_exists=if_exists)
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -172,6 +175,15 @@ def _exercise_every_script(client: redis.Redis, service: str) -> None:
     attempt(scripts.holding(service, most=10))
     attempt(scripts.failures(service, scan=10, message_bytes=100))
     attempt(scripts.peek(service, 1, max_bytes=10))
+    entries = [("c", "t", "tok "), ("c", "b", b"\x00\xff"), ("p", "j", '{"fraction":0.5}')]
+    attempt(scripts.chunks_append(service, "r1", delivery=1, entries=entries, progress_json="{}", ttl_ms=60_000))
+    attempt(scripts.chunks_append(service, "r1", delivery=0, entries=entries[:1], ttl_ms=60_000))
+    attempt(
+        scripts.chunks_end(service, "r1", delivery=1, done_json='{"statusCode":200}', ttl_ms=60_000, if_exists=True)
+    )
+    attempt(
+        scripts.chunks_end(service, "r9", delivery=1, done_json='{"statusCode":500}', ttl_ms=60_000, if_exists=False)
+    )
 
 
 def test_no_script_touches_a_key_it_was_not_given_in_keys(fresh_redis_url: str) -> None:

@@ -8,12 +8,12 @@ process runs it; a short Redis lock per service lets one process per interval do
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 
 import redis.exceptions
 
+from queue_service import tasks
 from queue_service.config import ServicesFile
 from queue_service.store.queues import QueueStore
 
@@ -54,7 +54,5 @@ class DeadlineSweeper:
     async def stop(self) -> None:
         if self._task is None:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await tasks.stop(self._task)
         self._task = None

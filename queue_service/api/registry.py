@@ -17,6 +17,7 @@ import redis.exceptions
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from queue_service import tasks
 from queue_service.api.context import app_of
 from queue_service.store.queues import QueueStore
 
@@ -59,10 +60,7 @@ class ApiRegistry:
             await self._beat()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await tasks.stop(self._task)
         with contextlib.suppress(redis.exceptions.RedisError):
             await self.store.leave_api(self.services, self.member)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import redis.exceptions
 
+from queue_service import tasks
 from queue_service.store import keys
 from queue_service.store.keys import QueueKeys, QueueName
 from queue_service.store.model import Reply
@@ -393,10 +394,7 @@ class ServiceWaiters:
 
     async def close(self) -> None:
         for task in (self._reader_task, self._ticker_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await tasks.stop(task)
 
 
 class Waiters:

@@ -16,6 +16,7 @@ from collections import defaultdict
 
 import redis.exceptions
 
+from queue_service import tasks
 from queue_service.api.metrics import Metrics
 from queue_service.store.queues import QueueStore
 
@@ -77,9 +78,7 @@ class AnswerCounts:
     async def stop(self) -> None:
         if self._task is None:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await tasks.stop(self._task)
         self._task = None
         with contextlib.suppress(redis.exceptions.RedisError, OSError):
             await asyncio.wait_for(self.flush(), timeout=2)

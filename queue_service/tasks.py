@@ -2,7 +2,8 @@
 
 redis-py 8.1 swallows a cancel that lands while a connection is being set up: the command then runs to its end,
 and a task looping over Redis calls goes on looping as if never cancelled (seen here: an API's shutdown waited
-for a sweeper for minutes). `stop` cancels again until the task is gone, and gives up after `patience`.
+for a sweeper for minutes; the same class of bug as redis-py issue 2028). `stop` cancels again until the task
+is gone, and gives up after `patience`.
 """
 
 from __future__ import annotations

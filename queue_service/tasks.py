@@ -1,9 +1,9 @@
 """Stopping a background task for sure.
 
-redis-py 8.1 swallows a cancel that lands while a connection is being set up: the command then runs to its end,
-and a task looping over Redis calls goes on looping as if never cancelled (seen here: an API's shutdown waited
-for a sweeper for minutes; the same class of bug as redis-py issue 2028). `stop` cancels again until the task
-is gone, and gives up after `patience`.
+redis-py 8.1 swallows a cancel that lands while a connection is being set up: the command then runs to its
+end, and a task looping over Redis calls goes on as if never cancelled (reproduced here with the waiters'
+XREAD; an API's shutdown in a test hung for 5 minutes; the class of bug of redis-py issue 2028). `stop`
+cancels again until the task is gone, and gives up after `patience`.
 """
 
 from __future__ import annotations

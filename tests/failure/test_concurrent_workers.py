@@ -35,7 +35,7 @@ def most_at_once(runs: list[Run]) -> int:
 def test_one_process_holds_worker_threads_requests_at_once_and_says_which(stack: Stack) -> None:
     stack.start_api()
     worker = stack.start_worker("parallel")
-    puts = [stack.put("parallel", sleep=1.5) for _ in range(2 * THREADS)]
+    puts = [stack.put("parallel", sleep=3) for _ in range(2 * THREADS)]
     wait_until(lambda: len(stack.open_runs().get(worker.pid, [])) == THREADS, 20, "4 requests running")
 
     def published() -> list[dict]:

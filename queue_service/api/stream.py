@@ -36,13 +36,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from queue_service.api import sync
 from queue_service.api.disconnect import ClientGone
 from queue_service.api.errors import ApiError
 from queue_service.api.preamble import QueueCall
 from queue_service.api.waiters import Match, ServiceWaiters, StreamWaiter
 from queue_service.protocol import CLIENT_CLOSED
 from queue_service.store import keys
-from queue_service.store.model import NoLiveWorker, Reply, StreamEntry
+from queue_service.store.model import Reply, StreamEntry
 from queue_service.store.queues import RequestState, new_request_id, stream_entry
 
 EVENT_STREAM = "text/event-stream"
@@ -314,19 +315,7 @@ async def sync_stream(request: Request, call: QueueCall, path: str = "") -> Resp
         waiter = await slot.enter_async_context(waiters.on_stream(request_id))
         gone = ClientGone(request.receive)
         try:
-            try:
-                put = await app.store.put(
-                    call.qk,
-                    call.body,
-                    {},
-                    max_items=service.rpc.max_queue_size,
-                    reply_channel=app.channel,
-                    request_id=request_id,
-                    content_type=request.headers.get("content-type", ""),
-                    path=path,
-                )
-            except NoLiveWorker:
-                raise ApiError(503, f"no healthy upstream: no live worker serves service {service.name!r}") from None
+            put = await sync.put_for_reply(request, call, request_id, path)
             gone.on_gone(waiter.event.set)
             answer.add_done_callback(lambda _: waiter.event.set())  # one wake-up: output, the answer, or gone
             cursor = Cursor(call, request_id, waiter)

@@ -20,8 +20,25 @@ from queue_service.api.disconnect import ClientGone
 from queue_service.api.errors import ApiError
 from queue_service.api.preamble import QueueCall
 from queue_service.protocol import CLIENT_CLOSED
-from queue_service.store.model import NoLiveWorker
+from queue_service.store.model import NoLiveWorker, PutResult
 from queue_service.store.queues import new_request_id
+
+
+async def put_for_reply(request: Request, call: QueueCall, request_id: str, path: str) -> PutResult:
+    """Put a sync request: its answer goes to this process's reply stream (503 when no live worker serves it)."""
+    try:
+        return await call.app.store.put(
+            call.qk,
+            call.body,
+            {},
+            max_items=call.service.rpc.max_queue_size,
+            reply_channel=call.app.channel,
+            request_id=request_id,
+            content_type=request.headers.get("content-type", ""),
+            path=path,
+        )
+    except NoLiveWorker:
+        raise ApiError(503, f"no healthy upstream: no live worker serves service {call.service.name!r}") from None
 
 
 async def call(request: Request, call: QueueCall, path: str = "") -> Response:
@@ -36,19 +53,7 @@ async def call(request: Request, call: QueueCall, path: str = "") -> Response:
     answer = waiters.expect_reply(request_id)  # before the put: the answer cannot come first
     gone = ClientGone(request.receive)
     try:
-        try:
-            put = await app.store.put(
-                call.qk,
-                call.body,
-                {},
-                max_items=service.rpc.max_queue_size,
-                reply_channel=app.channel,
-                request_id=request_id,
-                content_type=request.headers.get("content-type", ""),
-                path=path,
-            )
-        except NoLiveWorker:
-            raise ApiError(503, f"no healthy upstream: no live worker serves service {service.name!r}") from None
+        put = await put_for_reply(request, call, request_id, path)
         left_client: asyncio.Future[Any] = asyncio.ensure_future(gone.wait())
         waits: set[asyncio.Future[Any]] = {answer, left_client}
         try:

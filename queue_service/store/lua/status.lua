@@ -1,6 +1,7 @@
 -- The state of one request, from the queues themselves: waiting or running in the input queue, its result in
 -- the sink, or the time its result was removed (read with auto-delete, deleted, committed); with what its
--- worker published of it (start time), its last progress report, its deadline, and the state of its webhook deliveries.
+-- worker published of it (start time), its last progress report, its deadline, and the state of its webhook
+-- deliveries.
 -- KEYS: in_high, in_normal, in_ids, sink_high, sink_normal, sink_ids, running, webhooks requests, progress (the
 --   request's last report, chunks.lua)
 -- ARGV: rid, cap (most items counted ahead)

@@ -13,7 +13,9 @@ Redis: the first chunk after a quiet spell goes at once, later ones at most ever
 between two writes only the last is written. A delivery's chunks are capped at `queue.stream.max_bytes`:
 past it the processor is told (`StreamTooLarge` is raised at its `yield`) and the request ends with 413.
 Before a request's result is written its pending chunks are (`drain`), and once it is written its stream
-gets its done entry and expires `queue.stream.ttl_seconds` later (`end`).
+gets its done entry and expires `queue.stream.ttl_seconds` later (`end`). A request whose webhooks ask for
+`progress` or `output` passes its targets with each write (`scripts.StreamHooks`): the same script enqueues
+those deliveries, at most one of each per request per second (docs/webhooks.md).
 """
 
 from __future__ import annotations
@@ -163,13 +165,27 @@ async def collect_async(generator: AsyncGenerator[Any, Any], context: RequestCon
 class RequestStream:
     """One delivery of one request: its pending entries, and how many bytes of chunks it streamed."""
 
-    __slots__ = ("item", "max_bytes", "pending", "pending_progress", "refused", "ttl_ms", "used", "writer", "written")
+    __slots__ = (
+        "hooks",
+        "item",
+        "max_bytes",
+        "pending",
+        "pending_progress",
+        "refused",
+        "ttl_ms",
+        "used",
+        "writer",
+        "written",
+    )
 
-    def __init__(self, writer: StreamWriter, item: Item, max_bytes: int, ttl_ms: int) -> None:
+    def __init__(
+        self, writer: StreamWriter, item: Item, max_bytes: int, ttl_ms: int, hooks: scripts.StreamHooks | None = None
+    ) -> None:
         self.writer = writer
         self.item = item
         self.max_bytes = max_bytes
         self.ttl_ms = ttl_ms
+        self.hooks = hooks  # its `progress` / `output` webhooks, enqueued with its writes (None: it asks none)
         self.used = 0
         self.pending: list[tuple[str, str, bytes]] = []
         self.pending_progress: str = ""
@@ -204,7 +220,10 @@ class StreamWriter:
         self, store: WorkerStore, services: Iterable[ServiceConfig], flush_ms: float, flush_chunks: int
     ) -> None:
         self.store = store
+        services = list(services)
         self.settings = {service.name: service.queue.stream for service in services}
+        # webhook.max_result_bytes: `output` webhooks carry the output so far up to this size, a link beyond.
+        self.inline_bytes = {s.name: s.webhook.max_result_bytes if s.webhook else 0 for s in services}
         self.gap = flush_ms / 1000
         self.flush_chunks = flush_chunks
         self._changed = threading.Condition()
@@ -218,7 +237,10 @@ class StreamWriter:
     def open(self, item: Item) -> RequestStream:
         """The stream of a request this process starts running (nothing is written until it streams)."""
         stream_settings = self.settings[item.service]
-        stream = RequestStream(self, item, stream_settings.max_bytes, RUNNING_TTL_MS)
+        hooks = scripts.stream_hooks(
+            item, inline_bytes=self.inline_bytes[item.service], start_ms=int(item.taken_at * 1000)
+        )
+        stream = RequestStream(self, item, stream_settings.max_bytes, RUNNING_TTL_MS, hooks)
         with self._changed:
             self._open[id(item)] = stream
         return stream
@@ -272,6 +294,8 @@ class StreamWriter:
                     entries=entries,
                     progress_json=stream.pending_progress,
                     ttl_ms=stream.ttl_ms,
+                    hooks=stream.hooks,
+                    streamed_bytes=stream.used,
                 )
                 stream.pending, stream.pending_progress = [], ""
                 calls.append((stream, call))

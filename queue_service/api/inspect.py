@@ -180,12 +180,8 @@ async def status(request: Request, call: QueueCall) -> Response:
     found = await call.app.store.status(call.service.name, request_id)
     if found is None:
         raise ApiError(404, f"request id {request_id!r} is unknown to service {call.service.name!r} (or expired)")
-    body = status_body(request_id, found)
-    if found.state == "running":
-        progress = await call.app.store.progress(call.service.name, request_id)
-        if progress is not None:
-            body["progress"] = progress  # what the processor last reported (workers/context.py)
-    return JSONResponse(body)
+    # One round trip: status.lua reads the request's last progress report too (workers/context.py).
+    return JSONResponse(status_body(request_id, found))
 
 
 def status_body(request_id: str, found: RequestState) -> dict[str, object]:

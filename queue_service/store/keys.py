@@ -249,6 +249,12 @@ def progress(service: str, request_id: str) -> str:
     return f"{_service(service)}:progress:{request_id}"
 
 
+def webhook_gate(service: str, request_id: str, event: str) -> str:
+    """String: present (for about a second, PX) while a request's `progress` or `output` webhook was enqueued
+    lately; chunks.lua enqueues the next one only when it can SET it NX (at most one per request per gap)."""
+    return f"{_service(service)}:webhooks:gate:{event}:{request_id}"
+
+
 def service_keys(service: str) -> list[str]:
     """Every fixed-name key of a service (not the reply streams of API processes, which expire by themselves)."""
     return [

@@ -271,7 +271,7 @@ class QueueStore:
                 webhooks=_json_or_none(hooks),
             )
         if state == "running":
-            _, index, put_ms, deliveries, _idle, deadline, hooks, published = raw
+            _, index, put_ms, deliveries, _idle, deadline, hooks, published, progress = raw
             mine = _published_entry(published, int(index))
             return RequestState(
                 "running",
@@ -280,7 +280,7 @@ class QueueStore:
                 deliveries=int(deliveries),
                 deadline_ms=int(deadline or 0),
                 started_ms=int(mine.get("startedAt") or 0),
-                progress=mine.get("progress"),
+                progress=_json_or_none(progress),
                 webhooks=_json_or_none(hooks),
             )
         if state == "removed":

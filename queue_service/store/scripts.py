@@ -622,6 +622,7 @@ def status(service: str, request_id: str) -> Call[list[Any] | None]:
             qs.ids,
             keys.running(service),
             keys.webhooks(service).requests,
+            keys.progress(service, request_id),
         ],
         [request_id, AHEAD_CAP],
         lambda raw: list(raw) if raw else None,
@@ -849,6 +850,51 @@ def hook_revive(service: str, entry_ids: Sequence[str] = (), *, most: int = 1000
 # --- what a request streams while it runs (workers/streaming.py writes, api/stream.py reads) -----
 
 
+# A request's `progress` and `output` webhooks: at most one of each per this many ms (chunks.lua's gate keys).
+STREAM_HOOK_GAP_MS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHooks:
+    """What chunks.lua needs to enqueue a streaming request's `progress` / `output` webhooks with its writes."""
+
+    hooks: str  # the item's webhook targets (JSON)
+    events: frozenset[str]  # which of `progress`, `output` some target asks for (not empty)
+    index: int
+    put_ms: int
+    start_ms: int
+    inline_bytes: int  # webhook.max_result_bytes: output up to this size is in the payload, beyond it a link
+    gap_ms: int = STREAM_HOOK_GAP_MS
+
+
+STREAM_EVENTS = ("progress", "output")
+
+
+def stream_hooks(item: Item, *, inline_bytes: int, start_ms: int) -> StreamHooks | None:
+    """The StreamHooks of a request, None when no target of its webhooks asks for `progress` or `output`."""
+    if not item.hooks:
+        return None
+    try:
+        targets = json.loads(item.hooks)
+    except ValueError:
+        return None
+    wanted = frozenset(event for target in targets for event in target.get("events", ()) if event in STREAM_EVENTS)
+    if not wanted:
+        return None
+    return StreamHooks(item.hooks, wanted, item.index, item.put_ms, start_ms, inline_bytes)
+
+
+def _chunk_keys(service: str, request_id: str) -> list[str]:
+    hooks = keys.webhooks(service)
+    return [
+        keys.chunks(service, request_id),
+        keys.progress(service, request_id),
+        hooks.stream,
+        hooks.requests,
+        *(keys.webhook_gate(service, request_id, event) for event in STREAM_EVENTS),
+    ]
+
+
 def chunks_append(
     service: str,
     request_id: str,
@@ -857,13 +903,32 @@ def chunks_append(
     entries: Sequence[tuple[str, str, bytes | str]],
     progress_json: str = "",
     ttl_ms: int,
+    hooks: StreamHooks | None = None,
+    streamed_bytes: int = 0,
 ) -> Call[bool]:
-    """Append (kind 'c' chunk / 'p' progress, encoding, value) entries; False when a later delivery owns the stream."""
+    """Append (kind 'c' chunk / 'p' progress, encoding, value) entries; False when a later delivery owns the stream.
+
+    With `hooks`, a progress report enqueues the request's `progress` webhooks and chunks its `output` ones
+    (the output so far, or a link past `hooks.inline_bytes`; `streamed_bytes` is the worker's count of this
+    delivery's chunk bytes), each at most once per `hooks.gap_ms`, in the same step as the write."""
     flat: list[Arg] = [part for entry in entries for part in entry]
+    hook_args: list[Arg] = ["", "", 0, "", 0, 0, 0, 0, 0]
+    if hooks is not None:
+        hook_args = [
+            hooks.hooks,
+            ",".join(sorted(hooks.events)),
+            hooks.gap_ms,
+            request_id,
+            hooks.index,
+            hooks.put_ms,
+            hooks.start_ms,
+            streamed_bytes,
+            hooks.inline_bytes,
+        ]
     return Call(
         "chunks",
-        [keys.chunks(service, request_id), keys.progress(service, request_id)],
-        ["append", delivery, ttl_ms, progress_json, *flat],
+        _chunk_keys(service, request_id),
+        ["append", delivery, ttl_ms, progress_json, *hook_args, *flat],
         lambda raw: int(raw) == 1,
     )
 
@@ -874,7 +939,7 @@ def chunks_end(
     """End a request's stream with its done entry (expiring `ttl_ms` later); False when not written."""
     return Call(
         "chunks",
-        [keys.chunks(service, request_id), keys.progress(service, request_id)],
+        _chunk_keys(service, request_id),
         ["end", delivery, ttl_ms, done_json, "1" if if_exists else "0"],
         lambda raw: int(raw) == 1,
     )

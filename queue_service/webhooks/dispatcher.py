@@ -6,6 +6,11 @@ through the consumer group, as workers share input queues. Per service, one task
 service at once), and records how it went. Nothing is lost when a dispatcher dies: what it held lapses after
 its lease (the attempt's timeout and a margin) and another sends it again, with the same webhook id.
 
+Order: a request's deliveries go out in the order their events happened (its start, progress and output, then
+its completion): an attempt waits for the request's previous attempt still in flight in this dispatcher (at most
+ORDER_WAIT_SECONDS, so that it stays within its lease). A retry, or deliveries taken by two dispatchers, can
+still arrive out of order; the payload's `timestamp` says when each event happened.
+
 Retries: the n-th retry waits backoff_seconds * 2^(n-1), with jitter (0.5x to 1.5x), at most an hour, or what
 the receiver's Retry-After asks (at most an hour); 410 Gone stops retrying; after `max_attempts` attempts the
 delivery is a dead letter.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -43,6 +49,9 @@ LEASE_MARGIN_SECONDS = 5.0
 IDLE_WAIT_SECONDS = 1.0
 REDIS_RETRY_SECONDS = 1.0
 MAINTENANCE_EVERY_SECONDS = 60.0
+# Longest an attempt waits for the same request's previous attempt (kept below LEASE_MARGIN_SECONDS: the wait
+# and the attempt's timeout together stay within the lease, so no other dispatcher sends it meanwhile).
+ORDER_WAIT_SECONDS = LEASE_MARGIN_SECONDS / 2
 
 
 def backoff_seconds(retry: int, base: float, rng: Callable[[], float] = random.random) -> float:
@@ -71,8 +80,16 @@ def plan_after(answer: sender.Answer, attempt: int, settings: WebhookSettings, n
     return Plan("retry", now_ms + int(delay * 1000))
 
 
-def _ended(task: asyncio.Task[None], running: set[asyncio.Task[None]], freed: asyncio.Event) -> None:
+def _ended(
+    task: asyncio.Task[None],
+    running: set[asyncio.Task[None]],
+    freed: asyncio.Event,
+    latest: dict[str, asyncio.Task[None]],
+    request_id: str,
+) -> None:
     running.discard(task)
+    if latest.get(request_id) is task:
+        del latest[request_id]
     freed.set()
 
 
@@ -117,6 +134,7 @@ class Dispatcher:
         assert settings is not None
         lease_ms = int((settings.timeout_seconds + LEASE_MARGIN_SECONDS) * 1000)
         running: set[asyncio.Task[None]] = set()
+        latest: dict[str, asyncio.Task[None]] = {}  # request id -> its last attempt in flight (the order)
         freed = asyncio.Event()
         while not self._stopping.is_set():
             free = self.concurrency - len(running)
@@ -131,9 +149,13 @@ class Dispatcher:
                 await self._until(asyncio.sleep(REDIS_RETRY_SECONDS), REDIS_RETRY_SECONDS)
                 continue
             for delivery in batch.deliveries:
-                task = asyncio.create_task(self._attempt(service, settings, delivery))
+                rid = delivery.request_id
+                task = asyncio.create_task(self._attempt(service, settings, delivery, after=latest.get(rid)))
                 running.add(task)
-                task.add_done_callback(lambda t: _ended(t, running, freed))
+                latest[rid] = task
+                task.add_done_callback(
+                    functools.partial(_ended, running=running, freed=freed, latest=latest, request_id=rid)
+                )
             if batch.deliveries:
                 continue
             wait = IDLE_WAIT_SECONDS
@@ -156,7 +178,15 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError, redis.exceptions.RedisError):
                 await work
 
-    async def _attempt(self, service: ServiceConfig, settings: WebhookSettings, delivery: Delivery) -> None:
+    async def _attempt(
+        self,
+        service: ServiceConfig,
+        settings: WebhookSettings,
+        delivery: Delivery,
+        after: asyncio.Task[None] | None = None,
+    ) -> None:
+        if after is not None and not after.done():  # the same request's earlier event goes first
+            await asyncio.wait({after}, timeout=ORDER_WAIT_SECONDS)
         url = delivery.text("url") or (settings.url or "")
         if url == SERVICE_URL:  # the service's webhook was removed from the file since
             answer = sender.Answer(error="the service has no webhook.url any more")

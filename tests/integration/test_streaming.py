@@ -272,6 +272,22 @@ def test_progress_shows_in_status_search_and_the_stream(http: httpx.Client, work
     assert texts(events) == ["reported"]  # no chunk streamed: its result is its one chunk, before done
 
 
+def test_the_python_clients_status_has_the_progress_of_a_running_request(stack: Api, worker: WorkerFactory) -> None:
+    from queue_service.client import Client
+
+    worker("llm")
+    with Client(stack.url, "llm") as client:
+        submitted = client.put(b"40 50")
+        running = wait_until(
+            lambda: (found := client.status(submitted.request_id)).progress and found, 20, "progress in status()"
+        )
+        assert running.state == "running" and running.deliveries == 1
+        assert 0 < running.progress["fraction"] <= 1 and running.progress["message"].endswith("/40")
+        finished = client.result(submitted.request_id, wait=30)
+        assert finished is not None and finished.ok
+        assert client.status(submitted.request_id).progress is None  # ended: its state, not a report
+
+
 def test_a_worker_killed_mid_stream_hands_the_request_over_and_the_client_sees_a_restart(
     http: httpx.Client, worker: WorkerFactory, sync_redis: redis.Redis
 ) -> None:
@@ -459,6 +475,23 @@ def test_put_wait_stream_prints_chunks_as_they_come_and_progress_on_the_terminal
     assert process.returncode == 0, terminal.text()
     assert first == b"t0 " and first + rest == "".join(f"t{i} " for i in range(20)).encode() + b"\n"
     assert "done in" in terminal.text()
+
+
+def test_put_wait_without_stream_shows_the_progress_the_processor_reports(stack: Api, worker: WorkerFactory) -> None:
+    from tests.integration.test_client_cli import Terminal
+
+    worker("llm")
+    terminal = Terminal()
+    with terminal.spawn("put", "-s", "llm", "--wait", "--url", stack.url) as process:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(b"20 150")  # 3 s: the progress line polls `_status_` every 0.5 s
+        process.stdin.close()
+        terminal.wait_for(r"running, \d+% \(\d+/20\)")
+        out = process.stdout.read()
+        process.wait(timeout=60)
+    terminal.close()
+    assert process.returncode == 0, terminal.text()
+    assert out == "".join(f"t{i} " for i in range(20)).encode() + b"\n" and "done in" in terminal.text()
 
 
 def test_an_upstream_answering_sse_or_chunked_is_passed_through_chunk_by_chunk(

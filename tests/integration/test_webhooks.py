@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ SERVICES: list[dict[str, Any]] = [
     {"name": "nobody", "processor": "workers.examples:Echo", "webhook": FAST_RETRIES},
     {"name": "public", "processor": "workers.examples:Echo", "webhook": {"secret": SECRET}},
     {"name": "tiny", "processor": "workers.examples:Echo", "metadata": {"rpc": {"max_queue_size": 1}}},
+    # Streams like an LLM (body "N D": N chunks D ms apart, progress i/N): its progress and output webhooks.
+    {"name": "tokens", "processor": "workers.examples:Tokens", "webhook": {**FAST_RETRIES, "max_attempts": 3}},
 ]
 WAIT = 60.0
 
@@ -282,6 +285,79 @@ def test_a_webhook_on_a_service_without_webhook_settings_is_refused(http: httpx.
     response = http.post("/api/predict/tiny", params={"_webhook_": "https://example.com/hook"}, content=b"x")
 
     assert response.status_code == 400 and "webhook.secret" in response.json()["detail"]
+
+
+# --- progress and output of a streaming request -----------------------------------------------------
+
+
+def test_a_streaming_request_sends_coalesced_progress_and_output_in_order_then_completed(
+    http: httpx.Client, receiver: Receiver, worker: WorkerFactory, services: Path
+) -> None:
+    worker("tokens", services_file=services)
+    count = 60  # 60 chunks 40 ms apart: ~2.4 s of streaming, 120 writes' worth of reports
+    request_id = put(
+        http, "tokens", f"{count} 40".encode(), _webhook_=f"{receiver.url}/ok-stream",
+        _webhook_events_="progress,output,completed",
+    ).headers[REQUEST_ID]  # fmt: skip
+
+    running = wait_until(
+        lambda: (s := status(http, "tokens", request_id)).get("progress") and s, WAIT, "progress in _status_"
+    )
+    assert running["state"] == "running" and 0 < running["progress"]["fraction"] <= 1
+    got = wait_until(
+        lambda: (
+            (found := receiver.received("/ok-stream"))
+            and found[-1]["payload"].get("type") == "request.completed"
+            and found
+        ),
+        WAIT,
+        "the completed delivery",
+    )
+
+    assert all(r["verified"] for r in got), got
+    assert len({r["webhookId"] for r in got}) == len(got)  # each delivered once
+    types = [r["payload"]["type"] for r in got]
+    assert types[-1] == "request.completed" and types.count("request.completed") == 1
+    progress = [r["payload"]["data"] for r in got if r["payload"]["type"] == "request.progress"]
+    output = [r["payload"]["data"] for r in got if r["payload"]["type"] == "request.output"]
+    print(f"NUMBERS {count} chunks in ~2.4 s: {len(progress)} progress and {len(output)} output webhooks")
+    # Coalesced: at most one of each per second (a few for ~2.4 s), and at least one.
+    assert 1 <= len(progress) <= 6 and 1 <= len(output) <= 6
+    # In order: timestamps, fractions and the output so far only grow.
+    stamps = [datetime.fromisoformat(r["payload"]["timestamp"]) for r in got]
+    assert stamps == sorted(stamps)
+    fractions = [p["progress"]["fraction"] for p in progress]
+    assert fractions == sorted(fractions) and all(0 < f <= 1 for f in fractions)
+    assert all(p["state"] == "running" and p["requestId"] == request_id for p in progress + output)
+    result = "".join(f"t{i} " for i in range(count))
+    so_far = [o["output"] for o in output]
+    assert all(result.startswith(text) and text for text in so_far) and so_far == sorted(so_far, key=len)
+    completed = got[-1]["payload"]["data"]
+    assert (completed["state"], completed["result"]) == ("succeeded", result)
+    webhooks = wait_until(
+        lambda: (
+            (s := status(http, "tokens", request_id).get("webhooks", {}))
+            and all(s.get(f"{e}/1", {}).get("state") == "delivered" for e in ("progress", "output", "completed"))
+            and s
+        ),
+        WAIT,
+        "every delivery recorded as delivered",
+    )
+    assert set(webhooks) == {"progress/1", "output/1", "completed/1"}
+
+
+def test_a_streaming_request_whose_webhook_asks_only_completed_gets_no_progress_or_output(
+    http: httpx.Client, receiver: Receiver, worker: WorkerFactory, services: Path
+) -> None:
+    worker("tokens", services_file=services)
+    request_id = put(http, "tokens", b"30 20", _webhook_=f"{receiver.url}/ok-plain").headers[REQUEST_ID]
+
+    [delivery] = receiver.wait_for("/ok-plain", 1)
+    time.sleep(1.0)  # anything else would have come with or before it
+
+    assert delivery["payload"]["type"] == "request.completed" and delivery["verified"]
+    assert delivery["payload"]["data"]["requestId"] == request_id
+    assert len(receiver.received("/ok-plain")) == 1
 
 
 # --- deadlines, Prefer: wait, idempotency ----------------------------------------------------

@@ -3,6 +3,7 @@ touches no key it was not given in KEYS (a key built inside Lua could be in anot
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import time
@@ -18,6 +19,8 @@ from queue_service.store.keys import WORKER_GROUP
 from queue_service.store.model import Delivery, Item, Outcome, StoreError
 
 SERVICES = ["echo", "a", "Model-v2.1_large", "x" * 63]
+# A request whose webhooks ask for what chunks.lua enqueues.
+STREAM_HOOKS = '[{"url":"https://receiver.example/h","events":["progress","output","completed"]}]'
 
 
 def _item(service: str, *, sync: bool) -> Item:
@@ -70,6 +73,16 @@ def every_call(service: str) -> Iterator[scripts.Call[Any]]:
     yield scripts.failures(service, scan=5, message_bytes=10)
     yield scripts.peek(service, 1, max_bytes=10)
     yield scripts.chunks_append(service, "r", delivery=1, entries=[("c", "t", "x")], progress_json="{}", ttl_ms=9)
+    hooked = dataclasses.replace(_item(service, sync=False), hooks=STREAM_HOOKS)
+    yield scripts.chunks_append(
+        service,
+        "r",
+        delivery=1,
+        entries=[("c", "t", "x")],
+        progress_json="{}",
+        ttl_ms=9,
+        hooks=scripts.stream_hooks(hooked, inline_bytes=9, start_ms=1),
+    )
     for if_exists in (False, True):
         yield scripts.chunks_end(service, "r", delivery=1, done_json="{}", ttl_ms=9, if_exists=if_exists)
 
@@ -160,9 +173,30 @@ def _exercise_every_script(client: redis.Redis, service: str) -> None:
     attempt(scripts.rate(service, 10))
     attempt(scripts.reconcile(service))
     attempt(scripts.put(qi, data=b"c", tags={}, request_id="r7", now_ms=now, max_items=9))
-    attempt(
+    running = attempt(
         scripts.take(service, consumer="w", want=1, lease_ms=0, max_delivery=3, sink_max_items=9, sink_max_bytes=10**6)
     )
+    attempt(scripts.status(service, "r7"))  # running: with its progress report
+    assert running is not None and running.items
+    # A streaming request whose webhooks ask for progress and output.
+    hooked = dataclasses.replace(running.items[0], hooks=STREAM_HOOKS)
+    for inline_bytes in (1000, 1):  # the output so far in the payload, or a link to the stream
+        hooks = scripts.stream_hooks(hooked, inline_bytes=inline_bytes, start_ms=now)
+        assert hooks is not None
+        entries = [("c", "t", "tok "), ("p", "", '{"fraction":0.5}')]
+        call = scripts.chunks_append(
+            service,
+            "r7",
+            delivery=1,
+            entries=entries,
+            progress_json='{"fraction":0.5}',
+            ttl_ms=60_000,
+            hooks=dataclasses.replace(hooks, gap_ms=1),
+            streamed_bytes=4,
+        )
+        attempt(call)
+        time.sleep(0.01)  # past the gates' gap: the next append enqueues again
+    attempt(scripts.status(service, "r7"))
     attempt(scripts.negative(qs, [1, 2], group="g", max_delivery=1, now_ms=now, last_code=500, message="Shutdown: x"))
     attempt(scripts.count(qi, tags={"k": "v"}))
     attempt(scripts.end_stream(qs))

@@ -72,3 +72,60 @@ def test_a_binary_result_is_base64_and_a_large_one_a_link() -> None:
 def test_an_expired_request_says_so() -> None:
     data = json.loads(render(delivery(code=b"408", end=b"expired")))["data"]
     assert (data["state"], data["lastCode"]) == ("expired", "408")
+
+
+def test_a_dispatcher_sends_one_requests_deliveries_in_order_and_others_alongside(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+    from typing import Any
+
+    from queue_service.config import parse_services
+    from queue_service.store.scripts import DeliveryBatch
+    from queue_service.webhooks import dispatcher as dispatching
+
+    def one(entry: str, rid: str, event: str) -> Delivery:
+        fields = {"event": event.encode(), "rid": rid.encode(), "url": b"https://receiver.example/h", "ts": b"1"}
+        return Delivery("svc", entry, f"msg_{entry}", 1, fields)
+
+    batches = [[one("1-0", "a", "progress"), one("2-0", "b", "progress"), one("3-0", "a", "completed")]]
+    sent: list[tuple[str, str]] = []
+    recorded: list[str] = []
+
+    class Store:
+        async def take(self, service: str, **_: Any) -> DeliveryBatch:
+            return DeliveryBatch(batches.pop(0) if batches else [], "3-0", None)
+
+        async def done(self, delivery: Delivery, **_: Any) -> bool:
+            recorded.append(delivery.entry_id)
+            return True
+
+        async def wait_for_new(self, service: str, after: str, seconds: float) -> None:
+            await asyncio.sleep(0.01)
+
+        async def maintain(self, *_: Any) -> None:
+            return None
+
+    async def post(client: Any, url: str, body: bytes, headers: dict[str, str], **_: Any) -> Answer:
+        event = json.loads(body)["type"]
+        rid = json.loads(body)["data"]["requestId"]
+        if event == "request.progress" and rid == "a":
+            await asyncio.sleep(0.2)  # the slow first attempt: its request's next one waits for it
+        sent.append((rid, event))
+        return Answer(status=200)
+
+    monkeypatch.setattr(dispatching.sender, "post", post)
+    services = parse_services(
+        {"services": [{"name": "svc", "processor": "workers.examples:Echo", "webhook": {"secret": SECRET}}]}
+    )
+
+    async def run() -> None:
+        dispatcher = dispatching.Dispatcher(Store(), services)  # type: ignore[arg-type]
+        task = asyncio.create_task(dispatcher.run())
+        while len(recorded) < 3:
+            await asyncio.sleep(0.01)
+        dispatcher.stop()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(run())
+    assert sent == [("b", "request.progress"), ("a", "request.progress"), ("a", "request.completed")]

@@ -1,10 +1,12 @@
 -- The state of one request, from the queues themselves: waiting or running in the input queue, its result in
 -- the sink, or the time its result was removed (read with auto-delete, deleted, committed); with what its
--- worker published of it (start time, progress), its deadline, and the state of its webhook deliveries.
--- KEYS: in_high, in_normal, in_ids, sink_high, sink_normal, sink_ids, running, webhooks requests
+-- worker published of it (start time), its last progress report, its deadline, and the state of its webhook
+-- deliveries.
+-- KEYS: in_high, in_normal, in_ids, sink_high, sink_normal, sink_ids, running, webhooks requests, progress (the
+--   request's last report, chunks.lua)
 -- ARGV: rid, cap (most items counted ahead)
 -- Returns {'queued', index, put_ms, ahead, deadline_ms, hooks} |
---         {'running', index, put_ms, deliveries, idle_ms, deadline_ms, hooks, worker's running JSON} |
+--         {'running', index, put_ms, deliveries, idle_ms, deadline_ms, hooks, worker's running JSON, progress JSON} |
 --         {'done', sink_index, tags_json, ts_ms, message, size, hooks, put_ms, started_ms, ending} |
 --         {'removed', '<ms>:<status>[:<ending>]', hooks} | false (unknown)
 -- (`hooks`: the request's deliveries JSON, '' when none; `ending`: '' or 'expired'.)
@@ -19,7 +21,8 @@ if index then
       local p = redis.pcall('XPENDING', KEYS[i], WORKER_GROUP, id, id, 1)
       if not p['err'] and #p > 0 then
         local published = redis.call('HGET', KEYS[7], p[1][2]) or ''
-        return {'running', index, f['ts'], p[1][4], p[1][3], f['exp'] or '0', hooks, published}
+        local progress = redis.call('GET', KEYS[9]) or ''
+        return {'running', index, f['ts'], p[1][4], p[1][3], f['exp'] or '0', hooks, published, progress}
       end
       return {'queued', index, f['ts'], ahead_of({KEYS[1], KEYS[2]}, i, id, WORKER_GROUP, cap), f['exp'] or '0', hooks}
     end

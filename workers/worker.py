@@ -42,6 +42,7 @@ from queue_service.config import ConfigError, ServiceConfig, Settings, durabilit
 from queue_service.store import connection
 from queue_service.store.connection import REDIS_DOWN
 from queue_service.store.consumer import TakeRules, WorkerStore
+from queue_service.store.durability import refuse_on_a_cluster
 from queue_service.store.model import Finished, Item, Outcome
 from queue_service.timings import TimingCounts
 from workers.inflight import InFlight
@@ -131,6 +132,10 @@ class QueueWorker(SimpleWorker):
             except ProcessorLoadError as exc:
                 _fail_start(f"service {service.name!r}: {exc}")
         self.processors = {name: plan.processor for name, plan in self.plans.items()}
+        try:
+            refuse_on_a_cluster(self.connection, durability(self.services))
+        except ValueError as exc:
+            _fail_start(str(exc))
         self.store = WorkerStore(
             self.connection,
             self.name,
@@ -358,6 +363,8 @@ class QueueWorker(SimpleWorker):
                 continue
             try:
                 taken = self.store.take(name, self._rules[name], want=want, claim=claim)
+            except REDIS_DOWN:
+                raise  # a cluster's TRYAGAIN / CLUSTERDOWN too: waited out like an outage, not a broken service
             except redis.ResponseError as exc:
                 # One service's broken keys must not stop the worker serving the others.
                 self._skip_until[name] = time.monotonic() + BROKEN_SERVICE_BACKOFF_SECONDS

@@ -72,6 +72,8 @@ SUSPENSION_CHECK_SECONDS = 1.0
 # rq's state IDLE is written once the worker has had nothing to do this long: a worker that is busy most of
 # the time writes no state per item (`rq info` shows it busy up to this long after it went idle).
 IDLE_STATE_AFTER_SECONDS = 1.0
+# On a cluster, how soon the command channel is subscribed again once its node is gone.
+PUBSUB_RESUBSCRIBE_SECONDS = 1.0
 
 
 class StartupStopped(BaseException):
@@ -240,6 +242,35 @@ class QueueWorker(SimpleWorker):
             self.store.leave(self._by_name)
         with contextlib.suppress(redis.RedisError):
             super().teardown()
+
+    # rq's command channel (`rq:pubsub:<name>`, for `rq` commands sent to a worker) on a cluster: the channel's
+    # subscription lives on one node; when that node dies (a shard failover), redis-py reconnects to the dead
+    # address forever. A new subscription finds the node serving the channel's slot now.
+    def _pubsub_exception_handler(self, exc: Exception, pubsub: Any, pubsub_thread: Any) -> None:
+        if self._stop_requested:  # teardown closes the channel under the thread: it just ends
+            pubsub_thread.stop()
+            return
+        if not (isinstance(exc, redis.ConnectionError) and connection.is_cluster(self.connection)):
+            super()._pubsub_exception_handler(exc, pubsub, pubsub_thread)
+            return
+        pubsub_thread.stop()  # this thread ends; a new one serves the new subscription
+        with contextlib.suppress(Exception):
+            pubsub.close()
+        while not self._stop_requested:
+            time.sleep(PUBSUB_RESUBSCRIBE_SECONDS)
+            try:
+                super().subscribe()
+                self.log.info("Worker %s: command channel subscribed again after %s", self.name, exc)
+                return
+            except redis.RedisError as again:
+                self.log.warning("Worker %s: command channel: %s; retrying", self.name, again)
+
+    def unsubscribe(self) -> None:
+        # At teardown; a channel whose connection broke (its node gone) has nothing left to unsubscribe.
+        try:
+            super().unsubscribe()
+        except (redis.RedisError, OSError, ValueError) as exc:
+            self.log.info("Worker %s: command channel closed (%s)", self.name, exc)
 
     # rq's own bookkeeping must not end the worker while Redis is away, nor cost round trips per item.
     def heartbeat(self, *args: Any, **kwargs: Any) -> None:

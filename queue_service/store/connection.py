@@ -31,13 +31,13 @@ import tenacity
 from redis.backoff import ExponentialBackoff
 
 T = TypeVar("T")
-# Redis away, or a cluster saying "not now" (a slot's keys moving past the client's retries, a shard failing
-# over): both mean the command did not run, and both end by themselves.
+# Redis away, or a cluster saying "not now" (a slot's keys moving past the client's retries or redirections,
+# a shard failing over: TRYAGAIN, "TTL exhausted", CLUSTERDOWN): the command did not run, and it ends by itself.
 REDIS_DOWN = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.exceptions.TryAgainError,
-    redis.exceptions.ClusterDownError,
+    redis.exceptions.ClusterError,
 )
 CONNECT_TIMEOUT_SECONDS = 2.0
 # Short commands answer in microseconds; this bounds how long a frozen Redis can hold a caller (then 503).

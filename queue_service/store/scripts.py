@@ -18,7 +18,7 @@ from functools import cache
 from importlib import resources
 from typing import Any, Generic, TypeVar
 
-from redis.exceptions import ClusterDownError, NoScriptError, ResponseError, TryAgainError
+from redis.exceptions import ClusterError, NoScriptError, TryAgainError
 
 from queue_service.store import keys
 from queue_service.store.keys import WEBHOOK_GROUP, WORKER_GROUP, QueueKeys
@@ -107,9 +107,10 @@ class Call(Generic[T]):
     decode: Callable[[Any], T]
 
 
-# A cluster's "not now" answers (TRYAGAIN: a slot's keys are moving; CLUSTERDOWN: a shard fails over): the call
-# did not run, so `run_many` sends it again, backing off, before it gives up (the caller's outage retry then).
-CLUSTER_BUSY = (TryAgainError, ClusterDownError)
+# A cluster's "not now" answers (TRYAGAIN: a slot's keys are moving; CLUSTERDOWN: a shard fails over; "TTL
+# exhausted": more redirections than the client follows): the call did not run, so `run_many` sends it again,
+# backing off, before it gives up (the caller's outage retry then).
+CLUSTER_BUSY = (TryAgainError, ClusterError)
 CLUSTER_BUSY_ATTEMPTS = 8
 CLUSTER_BUSY_PAUSE_SECONDS = 0.05
 
@@ -172,7 +173,7 @@ class Scripts:
                     missing.append(i)
                 elif isinstance(answer, CLUSTER_BUSY) and attempt < CLUSTER_BUSY_ATTEMPTS - 1:
                     busy.append(i)  # a slot moving or a shard failing over: the call did not run
-                elif isinstance(answer, ResponseError):
+                elif isinstance(answer, Exception):  # an error of Redis or of the client: not an answer
                     raise answer
                 else:
                     answers[i] = answer

@@ -123,10 +123,13 @@ def _run(name: str, url: str, redis_pids: Sequence[int], args: Any, base: Path) 
         stop_all([*workers, api])
     latencies = sorted(result.latencies) or [0.0]
     per = {group: cpu / result.seconds for group, cpu in used.items()}
+    # CPU per request (ms): what a request costs each part, whatever share of the cores the run got.
+    cost = {group: used[group] * 1000 / max(1, result.requests) for group in ("api", "workers", "redis")}
     return (
         f"{name:<12} {result.per_second:>7.0f} {processed:>11.0f} {latencies[len(latencies) // 2] * 1000:>7.2f} "
         f"{latencies[int(len(latencies) * 0.99)] * 1000:>7.2f} {per['api']:>7.2f} {per['workers']:>11.2f} "
-        f"{per['redis']:>9.2f} {per['load']:>8.2f} {machine:>8.2f}   statuses {dict(result.statuses)}"
+        f"{per['redis']:>9.2f} {per['load']:>8.2f} {machine:>8.2f}   "
+        f"{cost['api']:.2f} / {cost['workers']:.2f} / {cost['redis']:.2f}   statuses {dict(result.statuses)}"
     )
 
 
@@ -144,7 +147,10 @@ def main() -> None:
             print(f"{os.cpu_count()} cores (load average {load} at the start); services {owners} (service: node)")
             print(f"100-byte puts over {args.connections} keep-alive connections for {args.seconds:g} s, one API")
             print("process, one worker per service (workers.examples:Echo)")
-            print("redis        puts/s processed/s  p50 ms  p99 ms API cpu workers cpu redis cpu load cpu  machine")
+            print(
+                "redis        puts/s processed/s  p50 ms  p99 ms API cpu workers cpu redis cpu load cpu  machine"
+                "   cpu ms per request: API / workers / redis"
+            )
             print("                                                    (cores busy on average; machine: every process)")
             for _ in range(args.rounds):
                 print(_run("one", single.url, [single.pid or 0], args, base))

@@ -25,7 +25,8 @@ from rq.command import send_shutdown_command
 
 from queue_service.embedded_redis import free_port
 from queue_service.protocol import REQUEST_ID_HEADER
-from queue_service.store import connection
+from queue_service.store import connection, keys
+from queue_service.store.consumer import WorkerStore
 from queue_service.testing import spawn_worker, write_services
 from tests.failure.harness import CHAOS, Put, Stack, wait_until
 from tests.support.cluster import RedisCluster3
@@ -342,3 +343,21 @@ def _fail_over_under_load(cluster: RedisCluster3, stack: Stack) -> None:
         client.close()
     for worker in workers:
         assert worker.wait(timeout=60) == 0, worker.log_tail()
+
+
+def test_a_wait_over_services_on_every_shard_reads_each_slot_and_wakes_on_any(cluster: RedisCluster3) -> None:
+    # One XREAD of streams in several slots is CROSSSLOT on a cluster: the wait reads each slot on its own.
+    client = connection.worker_client(cluster.url)
+    store = WorkerStore(client, "waiter")
+    names = [f"wait-{name}" for name in SHARDED]  # fresh services: nothing in their streams yet
+    try:
+        started = time.monotonic()
+        store.wait_for_new(dict.fromkeys(names, 0), 1.0)  # nothing comes: returns after the second, no error
+        assert time.monotonic() - started >= 0.9
+        last = names[-1]
+        threading.Timer(0.5, lambda: client.xadd(keys.input_queue(last).normal, {"data": "x"}, id="1-0")).start()
+        started = time.monotonic()
+        store.wait_for_new(dict.fromkeys(names, 0), 30.0)
+        assert time.monotonic() - started < 20, "the wait did not wake on the put to the last shard's service"
+    finally:
+        client.close()

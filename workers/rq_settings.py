@@ -42,7 +42,8 @@ def _settings(url: str) -> dict[str, Any]:
     if target.kind == "server":
         return {"REDIS_URL": url}
     if target.kind == "cluster":
-        if RQ_CLUSTER_CONNECTION_CLASS not in _connection_class_named():
+        # rq's default class (redis.Redis) reads no cluster URL; ours, or a subclass someone names, does.
+        if _connection_class_named() in ("", "redis.Redis", "redis.StrictRedis", "redis.client.Redis"):
             raise RuntimeError(
                 f"QS_REDIS_URL={redacted(url)} is a Redis Cluster: give rq's CLI our cluster client too, "
                 f"`rq worker --connection-class {RQ_CLUSTER_CONNECTION_CLASS} -c workers.rq_settings ...` "

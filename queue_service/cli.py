@@ -18,21 +18,22 @@ from queue_service.config import ConfigError, ServiceConfig, ServicesFile, load_
 from queue_service.embedded_redis import RedisServer, RedisServerError, RedisServerNotFound
 from queue_service.preflight import PreflightError, bind_listener, check_processors, check_redis
 from queue_service.serve import api
+from queue_service.store.connection import rq_cli_options
 from queue_service.supervisor import SupervisionFailed, Supervisor, UpSettings
 from queue_service.webhooks.commands import webhooks
 
 WORKER_CLASS = "workers.worker.QueueWorker"
-RQ_SETTINGS = "workers.rq_settings"
 # prometheus_client's multiprocess mode (api/metrics.py reads it; not imported here: the CLI starts light).
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def worker_command(service: str) -> list[str]:
+def worker_command(service: str, redis_url: str) -> list[str]:
     """One worker of one service: it loads only that service's processor.
 
-    Redis comes from QS_REDIS_URL (in the workers' environment) for rq's CLI too (`-c workers.rq_settings`):
-    every URL kind works, and its password is on no command line."""
-    return [sys.executable, "-m", "rq.cli", "worker", "-w", WORKER_CLASS, "-c", RQ_SETTINGS, service]
+    Redis comes from QS_REDIS_URL (in the workers' environment) for rq's CLI too (`-c workers.rq_settings`, and
+    on a cluster our cluster client as rq's connection class): every URL kind works, and its password is on no
+    command line."""
+    return [sys.executable, "-m", "rq.cli", "worker", "-w", WORKER_CLASS, *rq_cli_options(redis_url), service]
 
 
 def api_command(fd: int) -> list[str]:
@@ -163,7 +164,7 @@ def up(
         # The API holds the socket now; this process must not keep the port once the API is gone.
         listener.close()
         for service in services.services:
-            supervisor.add_workers(service.name, worker_command(service.name), counts[service.name])
+            supervisor.add_workers(service.name, worker_command(service.name, redis_url), counts[service.name])
             count = counts[service.name]
             click.echo(f"{service.name}: {count} worker{'' if count == 1 else 's'}", err=True)
         if any(service.webhook is not None for service in services.services):

@@ -31,7 +31,6 @@ from queue_service.store import connection, keys
 
 API_APP = "queue_service.api:create_app"
 WORKER_CLASS = "workers.worker.QueueWorker"
-RQ_SETTINGS = "workers.rq_settings"
 STOP_GRACE_SECONDS = 5.0
 # How long a start may take before it counts as failed: ~0.5 s on a quiet machine, 10 s and more seen
 # with the suite in parallel beside CPU hogs. Only a broken start waits this long.
@@ -229,7 +228,11 @@ def spawn_worker(
     """Run `rq worker -w worker_class` for `services` (rq's queue names for a plain rq worker). Not waited for."""
     name = name or f"qs-test-worker-{uuid.uuid4().hex[:8]}"
     # rq's --url reads only single-server URLs; for the others rq's CLI reads QS_REDIS_URL too (workers.rq_settings).
-    where = ["--url", redis_url] if connection.parse_url(redis_url).kind == "server" else ["-c", RQ_SETTINGS]
+    where = (
+        ["--url", redis_url]
+        if connection.parse_url(redis_url).kind == "server"
+        else connection.rq_cli_options(redis_url)
+    )
     argv = [
         sys.executable, "-m", "rq.cli", "worker",
         "-w", worker_class, *where, "--name", name, *services,

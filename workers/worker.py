@@ -42,6 +42,7 @@ from queue_service.config import ConfigError, ServiceConfig, Settings, durabilit
 from queue_service.store import connection
 from queue_service.store.connection import REDIS_DOWN
 from queue_service.store.consumer import TakeRules, WorkerStore
+from queue_service.store.durability import refuse_on_a_cluster
 from queue_service.store.model import Finished, Item, Outcome
 from queue_service.timings import TimingCounts
 from workers.inflight import InFlight
@@ -71,6 +72,8 @@ SUSPENSION_CHECK_SECONDS = 1.0
 # rq's state IDLE is written once the worker has had nothing to do this long: a worker that is busy most of
 # the time writes no state per item (`rq info` shows it busy up to this long after it went idle).
 IDLE_STATE_AFTER_SECONDS = 1.0
+# On a cluster, how soon the command channel is subscribed again once its node is gone.
+PUBSUB_RESUBSCRIBE_SECONDS = 1.0
 
 
 class StartupStopped(BaseException):
@@ -131,6 +134,10 @@ class QueueWorker(SimpleWorker):
             except ProcessorLoadError as exc:
                 _fail_start(f"service {service.name!r}: {exc}")
         self.processors = {name: plan.processor for name, plan in self.plans.items()}
+        try:
+            refuse_on_a_cluster(self.connection, durability(self.services))
+        except ValueError as exc:
+            _fail_start(str(exc))
         self.store = WorkerStore(
             self.connection,
             self.name,
@@ -235,6 +242,35 @@ class QueueWorker(SimpleWorker):
             self.store.leave(self._by_name)
         with contextlib.suppress(redis.RedisError):
             super().teardown()
+
+    # rq's command channel (`rq:pubsub:<name>`, for `rq` commands sent to a worker) on a cluster: the channel's
+    # subscription lives on one node; when that node dies (a shard failover), redis-py reconnects to the dead
+    # address forever. A new subscription finds the node serving the channel's slot now.
+    def _pubsub_exception_handler(self, exc: Exception, pubsub: Any, pubsub_thread: Any) -> None:
+        if self._stop_requested:  # teardown closes the channel under the thread: it just ends
+            pubsub_thread.stop()
+            return
+        if not (isinstance(exc, redis.ConnectionError) and connection.is_cluster(self.connection)):
+            super()._pubsub_exception_handler(exc, pubsub, pubsub_thread)
+            return
+        pubsub_thread.stop()  # this thread ends; a new one serves the new subscription
+        with contextlib.suppress(Exception):
+            pubsub.close()
+        while not self._stop_requested:
+            time.sleep(PUBSUB_RESUBSCRIBE_SECONDS)
+            try:
+                super().subscribe()
+                self.log.info("Worker %s: command channel subscribed again after %s", self.name, exc)
+                return
+            except redis.RedisError as again:
+                self.log.warning("Worker %s: command channel: %s; retrying", self.name, again)
+
+    def unsubscribe(self) -> None:
+        # At teardown; a channel whose connection broke (its node gone) has nothing left to unsubscribe.
+        try:
+            super().unsubscribe()
+        except (redis.RedisError, OSError, ValueError) as exc:
+            self.log.info("Worker %s: command channel closed (%s)", self.name, exc)
 
     # rq's own bookkeeping must not end the worker while Redis is away, nor cost round trips per item.
     def heartbeat(self, *args: Any, **kwargs: Any) -> None:
@@ -358,6 +394,8 @@ class QueueWorker(SimpleWorker):
                 continue
             try:
                 taken = self.store.take(name, self._rules[name], want=want, claim=claim)
+            except REDIS_DOWN:
+                raise  # a cluster's TRYAGAIN / CLUSTERDOWN too: waited out like an outage, not a broken service
             except redis.ResponseError as exc:
                 # One service's broken keys must not stop the worker serving the others.
                 self._skip_until[name] = time.monotonic() + BROKEN_SERVICE_BACKOFF_SECONDS

@@ -85,7 +85,8 @@ async def on_not_replicated(request: Request, exc: Exception) -> Response:
 
 
 async def on_cluster_busy(request: Request, exc: Exception) -> Response:
-    # A slot moving (TRYAGAIN past the client's retries) or a shard failing over (CLUSTERDOWN): transient.
+    # A slot moving (TRYAGAIN or redirections past the client's retries) or a shard failing over (CLUSTERDOWN):
+    # transient, and the command did not run.
     log.warning("redis cluster busy: %s", exc)
     return error_response(503, "queue storage (Redis Cluster) is reconfiguring; retry later", {"Retry-After": "1"})
 
@@ -180,7 +181,8 @@ def create_app(
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(NotReplicated, on_not_replicated)
     app.add_exception_handler(redis.exceptions.TryAgainError, on_cluster_busy)
-    app.add_exception_handler(redis.exceptions.ClusterDownError, on_cluster_busy)
+    # ClusterError: CLUSTERDOWN, and "TTL exhausted" (more redirections than the client follows while a slot moves).
+    app.add_exception_handler(redis.exceptions.ClusterError, on_cluster_busy)
     app.add_exception_handler(redis.exceptions.ConnectionError, on_redis_down)
     app.add_exception_handler(redis.exceptions.TimeoutError, on_redis_down)
     app.add_exception_handler(Exception, on_internal_error)

@@ -31,7 +31,14 @@ import tenacity
 from redis.backoff import ExponentialBackoff
 
 T = TypeVar("T")
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+# Redis away, or a cluster saying "not now" (a slot's keys moving past the client's retries or redirections,
+# a shard failing over: TRYAGAIN, "TTL exhausted", CLUSTERDOWN): the command did not run, and it ends by itself.
+REDIS_DOWN = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterError,
+)
 CONNECT_TIMEOUT_SECONDS = 2.0
 # Short commands answer in microseconds; this bounds how long a frozen Redis can hold a caller (then 503).
 COMMAND_TIMEOUT_SECONDS = 7.0
@@ -221,9 +228,62 @@ def _async_cluster(target: RedisTarget, **kwargs: Any) -> redis.asyncio.RedisClu
     return redis.asyncio.RedisCluster(startup_nodes=nodes, **_CLUSTER_OPTIONS, **target.login, **_tls(target), **kwargs)
 
 
-def _sync_cluster(target: RedisTarget, **kwargs: Any) -> redis.RedisCluster:
+def _sync_cluster(
+    target: RedisTarget, cluster_class: type[redis.RedisCluster] = redis.RedisCluster, **kwargs: Any
+) -> redis.RedisCluster:
     nodes = [redis.cluster.ClusterNode(host, port) for host, port in target.nodes]
-    return redis.RedisCluster(startup_nodes=nodes, **_CLUSTER_OPTIONS, **target.login, **_tls(target), **kwargs)
+    return cluster_class(startup_nodes=nodes, **_CLUSTER_OPTIONS, **target.login, **_tls(target), **kwargs)
+
+
+@dataclass
+class _PoolView:
+    """What rq reads of a client's `connection_pool`: its connection settings (rq raises the socket timeout
+    there, and compares them to tell connections apart) and the connection class (SSL or not)."""
+
+    connection_kwargs: dict[str, Any]
+    connection_class: type[redis.Connection]
+
+
+class RqRedisCluster(redis.RedisCluster):
+    """A worker's cluster client, shaped as rq 3.0 needs it: rq reads `connection.connection_pool`, which
+    redis-py's cluster client has not (each node has a pool of its own). rq's other commands work on a
+    cluster as they are: its pipelines are `pipeline()` without `transaction=True`, which a cluster client
+    splits per node, and each of its commands names one key.
+
+    rq's CLI builds its client with `--connection-class queue_service.store.connection.RqRedisCluster` from
+    `--url` or from `workers.rq_settings` (`REDIS_URL`): `from_url` reads our cluster URLs, with our policy."""
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> RqRedisCluster:  # type: ignore[override]
+        client = worker_client(url)
+        if not isinstance(client, RqRedisCluster):
+            raise BadRedisUrl(f"{redacted(url)}: RqRedisCluster needs a redis+cluster:// or rediss+cluster:// URL")
+        return client
+
+    @property
+    def connection_pool(self) -> _PoolView:
+        # A copy: rq raises its socket timeout to its dequeue timeout (minutes) there, for its own blocking
+        # reads, which a worker of ours never makes; our nodes keep COMMAND_TIMEOUT_SECONDS.
+        options = dict(self.nodes_manager.connection_kwargs)
+        connection_class = redis.SSLConnection if options.get("ssl") else redis.Connection
+        return _PoolView(options, connection_class)
+
+
+RQ_CLUSTER_CONNECTION_CLASS = f"{__name__}.RqRedisCluster"
+RQ_SETTINGS = "workers.rq_settings"
+
+
+def rq_cli_options(url: str) -> list[str]:
+    """What gives rq's CLI (`rq worker`, `rq info`) the Redis of `url` when $QS_REDIS_URL holds it: our settings
+    module, and on a cluster our cluster client as rq's connection class."""
+    if parse_url(url).kind == "cluster":
+        return ["--connection-class", RQ_CLUSTER_CONNECTION_CLASS, "-c", RQ_SETTINGS]
+    return ["-c", RQ_SETTINGS]
+
+
+def is_cluster(client: Any) -> bool:
+    """A Redis Cluster client (sync or asyncio): multi-key commands must stay within one slot."""
+    return isinstance(client, (redis.RedisCluster, redis.asyncio.RedisCluster))
 
 
 def api_client(url: str, pool_size: int = API_POOL_SIZE) -> Any:
@@ -262,8 +322,13 @@ def blocking_client(url: str, block_seconds: float) -> Any:
 
 
 def worker_client(url: str) -> Any:
-    """A worker's client (rq's bookkeeping and ours share it). Blocking waits are short (a second)."""
-    return sync_client(url, COMMAND_TIMEOUT_SECONDS, retry=_sync_retry(), **_common(COMMAND_TIMEOUT_SECONDS))
+    """A worker's client (rq's bookkeeping and ours share it). Blocking waits are short (a second).
+    On a cluster: an `RqRedisCluster`, which rq can use."""
+    options = {"retry": _sync_retry(), **_common(COMMAND_TIMEOUT_SECONDS)}
+    target = parse_url(url)
+    if target.kind == "cluster":
+        return _sync_cluster(target, cluster_class=RqRedisCluster, **options)
+    return sync_client(url, COMMAND_TIMEOUT_SECONDS, **options)
 
 
 def sync_client(url: str, timeout: float, **kwargs: Any) -> Any:
@@ -283,7 +348,10 @@ def sync_client(url: str, timeout: float, **kwargs: Any) -> Any:
 
 
 def worker_client_like(client: redis.Redis) -> redis.Redis:
-    """A worker's client to the server `client` talks to (the one rq built from its --url), with our policy."""
+    """A worker's client to the server `client` talks to (the one rq built from its --url), with our policy.
+    A cluster client from `RqRedisCluster.from_url` has our policy already: it is kept."""
+    if isinstance(client, RqRedisCluster):
+        return client
     kwargs = dict(client.connection_pool.connection_kwargs)
     kwargs.update(_common(COMMAND_TIMEOUT_SECONDS), retry=_sync_retry())
     pool = redis.ConnectionPool(connection_class=client.connection_pool.connection_class, **kwargs)

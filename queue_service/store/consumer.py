@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis import Redis
+from redis import Redis, RedisCluster
+from redis.crc import key_slot
 
 from queue_service.store import keys, scripts
 from queue_service.store.durability import Durability
@@ -34,6 +36,9 @@ from queue_service.store.model import (
 REMOVED_RESULT_MEMORY_SECONDS = 24 * 3600
 # A worker consumer with nothing pending and unseen this long is dropped from the workers' group.
 DEAD_CONSUMER_SECONDS = 3600
+# On a cluster: threads for a worker's per-slot waits, and how long past its `seconds` a wait waits for them.
+SLOT_WAIT_THREADS = 64
+SLOT_WAIT_MARGIN_SECONDS = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,8 @@ class WorkerStore:
     ) -> None:
         self.redis = redis
         self.name = name
+        self._cluster = isinstance(redis, RedisCluster)
+        self._wait_pool: futures.ThreadPoolExecutor | None = None
         self.scripts = scripts.Scripts(redis)
         # Services whose results a replica must confirm: their finishes end with a WAIT (see Scripts.run_many).
         self.durability = dict(durability or {})
@@ -106,12 +113,34 @@ class WorkerStore:
         return self.scripts.run(call)
 
     def wait_for_new(self, after: Mapping[str, int], seconds: float) -> None:
-        """Block until an item is put in these services' input queues after the given index, or `seconds` pass."""
-        streams: dict[Any, Any] = {}
+        """Block until an item is put in these services' input queues after the given index, or `seconds` pass.
+
+        One XREAD of every stream on one Redis; on a cluster an XREAD may name one slot only (CROSSSLOT), so
+        each slot gets a blocking read of its own, all at once in threads, and the first to see an item ends
+        the wait (the others end by themselves within `seconds`; what they read is dropped)."""
+        by_slot: dict[int, dict[Any, Any]] = {}
         for service, index in after.items():
             qi = keys.input_queue(service)
+            streams = by_slot.setdefault(key_slot(qi.normal.encode()) if self._cluster else 0, {})
             streams[qi.high] = streams[qi.normal] = keys.stream_id(index)
-        self.redis.xread(streams, count=1, block=max(1, int(seconds * 1000)))
+        block_ms = max(1, int(seconds * 1000))
+        if len(by_slot) <= 1:
+            for streams in by_slot.values():
+                self.redis.xread(streams, count=1, block=block_ms)
+            return
+        reads = [
+            self._waits().submit(self.redis.xread, streams, count=1, block=block_ms) for streams in by_slot.values()
+        ]
+        done, _ = futures.wait(reads, timeout=seconds + SLOT_WAIT_MARGIN_SECONDS, return_when=futures.FIRST_COMPLETED)
+        for read in done:
+            read.result()  # a read that failed (Redis away) fails the wait, as the one XREAD would
+
+    def _waits(self) -> futures.ThreadPoolExecutor:
+        """Threads for the per-slot waits (a cluster only): a wait's reads that lost the race still block for up
+        to its `seconds` while the next wait starts, hence room for several waits' reads."""
+        if self._wait_pool is None:
+            self._wait_pool = futures.ThreadPoolExecutor(SLOT_WAIT_THREADS, thread_name_prefix="qs-slot-wait")
+        return self._wait_pool
 
     def renew(self, item: Item) -> LeaseState:
         """Extend the lease: HELD, CANCELLED (removed while held) or HANDED_OVER (the lease lapsed)."""

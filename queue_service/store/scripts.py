@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any, Generic, TypeVar
 
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ClusterError, NoScriptError, TryAgainError
 
 from queue_service.store import keys
 from queue_service.store.keys import WEBHOOK_GROUP, WORKER_GROUP, QueueKeys
@@ -106,6 +107,14 @@ class Call(Generic[T]):
     decode: Callable[[Any], T]
 
 
+# A cluster's "not now" answers (TRYAGAIN: a slot's keys are moving; CLUSTERDOWN: a shard fails over; "TTL
+# exhausted": more redirections than the client follows): the call did not run, so `run_many` sends it again,
+# backing off, before it gives up (the caller's outage retry then).
+CLUSTER_BUSY = (TryAgainError, ClusterError)
+CLUSTER_BUSY_ATTEMPTS = 8
+CLUSTER_BUSY_PAUSE_SECONDS = 0.05
+
+
 class Scripts:
     """The scripts registered on one client (sync `redis.Redis` or `redis.asyncio.Redis`)."""
 
@@ -132,10 +141,13 @@ class Scripts:
         NOSCRIPT means the call did not run. `wait` = (replicas, timeout ms) ends the pipeline with a WAIT
         (`queue.durability: replicated`): the same connection, so it covers these writes. A WAIT that times out
         is logged, not raised: the writes are on the primary, and running them again would publish twice.
+        On a cluster the pipeline goes to each call's node; a call answered TRYAGAIN or CLUSTERDOWN did not run
+        either, and is sent again after a pause (`CLUSTER_BUSY`).
         """
         answers: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
-        for attempt in range(2):
+        loaded = False
+        for attempt in range(CLUSTER_BUSY_ATTEMPTS):
             with client.pipeline(transaction=False) as pipe:
                 for i in todo:
                     call = calls[i]
@@ -155,19 +167,26 @@ class Scripts:
                         len(todo),
                         wait[1],
                     )
-            missing = []
+            missing, busy = [], []
             for i, answer in zip(todo, raw, strict=True):
-                if isinstance(answer, NoScriptError) and attempt == 0:
+                if isinstance(answer, NoScriptError) and not loaded:
                     missing.append(i)
-                elif isinstance(answer, ResponseError):
+                elif isinstance(answer, CLUSTER_BUSY) and attempt < CLUSTER_BUSY_ATTEMPTS - 1:
+                    busy.append(i)  # a slot moving or a shard failing over: the call did not run
+                elif isinstance(answer, Exception):  # an error of Redis or of the client: not an answer
                     raise answer
                 else:
                     answers[i] = answer
-            if not missing:
+            if not missing and not busy:
                 break
             for name in {calls[i].script for i in missing}:
                 client.script_load(self._scripts[name].script)
-            todo = missing
+            loaded = loaded or bool(missing)
+            if busy:
+                time.sleep(min(CLUSTER_BUSY_PAUSE_SECONDS * 2**attempt, 1.0))
+            todo = sorted(missing + busy)
+        else:  # the last round still had calls that did not run (a script lost again right after its load)
+            raise NoScriptError(f"{len(todo)} call(s) did not run after {CLUSTER_BUSY_ATTEMPTS} rounds")
         decoded: list[T | StoreError] = []
         for call, answer in zip(calls, answers, strict=True):
             try:

@@ -24,7 +24,6 @@ READY_SECONDS = 60.0
 MIGRATE_TIMEOUT_MS = 5000
 CLUSTER_BUS_OFFSET = 10_000
 PORT_ATTEMPTS = 5
-REPLICAS_NONE = ("--cluster-replicas", "0", "--cluster-yes")
 
 
 def _free_cluster_port() -> int:
@@ -52,11 +51,13 @@ def find_redis_cli() -> str:
 
 
 class RedisCluster3:
-    """Three primaries, no replicas; `url` is the `redis+cluster://` URL of all three."""
+    """Three primaries, with `replicas` replicas each (none by default); `url` is the `redis+cluster://` URL of
+    every node."""
 
-    def __init__(self, base_dir: Path, primaries: int = 3) -> None:
+    def __init__(self, base_dir: Path, primaries: int = 3, replicas: int = 0) -> None:
         self.base_dir = base_dir
-        self.count = primaries
+        self.replicas = replicas
+        self.count = primaries * (1 + replicas)
         self.nodes: list[RedisServer] = []
 
     @property
@@ -68,12 +69,17 @@ class RedisCluster3:
             for number in range(self.count):
                 self.nodes.append(self._start_node(self.base_dir / f"node-{number}"))
             subprocess.run(
-                [find_redis_cli(), "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes), *REPLICAS_NONE],
+                [
+                    *(find_redis_cli(), "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)),
+                    *("--cluster-replicas", str(self.replicas), "--cluster-yes"),
+                ],
                 check=True,
                 capture_output=True,
                 timeout=60,
             )
             self._wait(self._ready, "every node seeing the cluster ok")
+            if self.replicas:
+                self._wait(self.replicas_synced, "every replica in sync")
         except BaseException:
             self.stop()
             raise
@@ -122,6 +128,49 @@ class RedisCluster3:
             time.sleep(0.1)
         raise TimeoutError(f"cluster: not {what} within {timeout:g} s")
 
+    def kill_owner(self, slot: int) -> RedisServer:
+        """SIGKILL the primary serving `slot` (no shutdown, no last sync); returns it."""
+        primary = self.owner(slot)
+        primary.kill()
+        return primary
+
+    def wait_promoted(self, slot: int, old: RedisServer, timeout: float = READY_SECONDS) -> RedisServer:
+        """Wait until a live node other than `old` serves `slot` as a primary and the cluster is ok again."""
+
+        def promoted() -> bool:
+            for node in self.nodes:
+                if node is old or not node.is_running():
+                    continue
+                client = self.client(node)
+                try:
+                    if "cluster_state:ok" not in client.execute_command("CLUSTER", "INFO").decode():
+                        return False
+                    for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                        if start <= slot <= end and int(primary[1]) == old.port:
+                            return False
+                except redis.RedisError:
+                    return False
+                finally:
+                    client.close()
+            return True
+
+        self._wait(promoted, f"slot {slot} served by a promoted replica", timeout)
+        return self.owner(slot, among=[n for n in self.nodes if n is not old])
+
+    def replicas_synced(self) -> bool:
+        """Every replica's link to its primary is up (a replica that never synced may not take over)."""
+        for node in self.nodes:
+            client = self.client(node)
+            try:
+                info = client.info("replication")
+                if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                    return False
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+        return True
+
     def node_id(self, node: RedisServer) -> str:
         client = self.client(node)
         try:
@@ -129,9 +178,9 @@ class RedisCluster3:
         finally:
             client.close()
 
-    def owner(self, slot: int) -> RedisServer:
-        """The node that serves `slot` now, as the first node sees it."""
-        client = self.client(self.nodes[0])
+    def owner(self, slot: int, among: list[RedisServer] | None = None) -> RedisServer:
+        """The node that serves `slot` now, as the first running node (of `among`) sees it."""
+        client = self.client(next(n for n in among or self.nodes if n.is_running()))
         try:
             for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
                 if start <= slot <= end:

@@ -1030,6 +1030,35 @@ async def test_redis_down_is_503_with_retry_after() -> None:
         assert response.headers["Retry-After"] == "1"
 
 
+class _Reconfiguring(redis.asyncio.Redis):
+    """A Redis whose scripts get what a Redis Cluster answers while a slot moves or a shard fails over."""
+
+    error: Exception = redis.exceptions.TryAgainError()
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        if args[0] in ("EVALSHA", "EVAL"):
+            raise self.error
+        return await super().execute_command(*args, **options)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.exceptions.TryAgainError("TRYAGAIN Multiple keys request during rehashing of slot"),
+        redis.exceptions.ClusterDownError("CLUSTERDOWN The cluster is down"),
+        redis.exceptions.ClusterError("TTL exhausted."),  # more redirections than the client follows
+    ],
+)
+async def test_a_cluster_reconfiguring_is_503_with_retry_after(fresh_redis_url: str, error: Exception) -> None:
+    busy = _Reconfiguring.from_url(fresh_redis_url)
+    busy.error = error
+    async with serve(make_app(busy)) as client:
+        response = await client.post(ECHO, content=b"x", headers=AUTH)
+    await busy.aclose()
+    assert response.status_code == 503, response.text
+    assert "Redis Cluster" in response.json()["detail"] and response.headers["Retry-After"] == "1"
+
+
 # --- the API's own description --------------------------------------------------------------
 
 

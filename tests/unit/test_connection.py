@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from typing import Any
+
 import pytest
 import redis
 import redis.asyncio
@@ -105,3 +109,45 @@ def test_up_preflight_reaches_a_server_and_names_what_fails_without_the_password
         check_redis("http://127.0.0.1:1")
     with pytest.raises(PreflightError, match=r"cannot reach Redis at redis\+cluster"):
         check_redis(f"redis+cluster://127.0.0.1:{nobody}", timeout=1)
+
+
+def test_rqs_cli_gets_our_settings_and_on_a_cluster_our_cluster_client() -> None:
+    assert connection.rq_cli_options("redis+sentinel://s:1/m/0") == ["-c", "workers.rq_settings"]
+    assert connection.rq_cli_options("rediss+cluster://:pw@a:1,b:2") == [
+        "--connection-class",
+        "queue_service.store.connection.RqRedisCluster",
+        "-c",
+        "workers.rq_settings",
+    ]
+    # rq's CLI calls its connection class's from_url: ours reads cluster URLs only (a plain Redis is rq's own).
+    with pytest.raises(BadRedisUrl, match=r"needs a redis\+cluster://"):
+        connection.RqRedisCluster.from_url("redis://:hunter2@127.0.0.1:1/0")
+
+
+def _rq_settings(monkeypatch: pytest.MonkeyPatch, url: str, argv: list[str], class_env: str = "") -> dict[str, Any]:
+    """What rq's CLI reads of workers.rq_settings when it runs as `argv` with $QS_REDIS_URL = url."""
+    monkeypatch.setenv("QS_REDIS_URL", url)
+    monkeypatch.setenv("RQ_CONNECTION_CLASS", class_env)
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.delitem(sys.modules, "workers.rq_settings", raising=False)
+    try:
+        return vars(importlib.import_module("workers.rq_settings"))
+    finally:
+        sys.modules.pop("workers.rq_settings", None)
+
+
+def test_rq_settings_take_a_cluster_url_only_with_our_cluster_client_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "redis+cluster://:hunter2@127.0.0.1:7000,127.0.0.1:7001"
+    with pytest.raises(RuntimeError) as caught:
+        _rq_settings(monkeypatch, url, ["rq", "worker", "-c", "workers.rq_settings", "echo"])
+    assert "--connection-class queue_service.store.connection.RqRedisCluster" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+    for argv in (
+        ["rq", "worker", "--connection-class", connection.RQ_CLUSTER_CONNECTION_CLASS, "-c", "workers.rq_settings"],
+        ["rq", "info", f"--connection-class={connection.RQ_CLUSTER_CONNECTION_CLASS}", "-c", "workers.rq_settings"],
+    ):
+        assert _rq_settings(monkeypatch, url, argv)["REDIS_URL"] == url
+    by_env = _rq_settings(
+        monkeypatch, url, ["rq", "info", "-c", "workers.rq_settings"], connection.RQ_CLUSTER_CONNECTION_CLASS
+    )
+    assert by_env["REDIS_URL"] == url

@@ -154,4 +154,4 @@ class Publisher:
                 state.outcome.exception(),
             )
 
-        return connection.outage_retry(FINISH_RETRY_SECONDS, log_outage)(call)
+        return connection.riding_outages(call, FINISH_RETRY_SECONDS, log_outage)

@@ -332,9 +332,12 @@ class QueueWorker(SimpleWorker):
 
         # rq's loop quits on any error: Redis being away is waited out here (until a stop is asked).
         try:
-            for attempt in connection.outage_retry(math.inf, log_outage, give_up=lambda: self._stop_requested):
-                with attempt:
-                    return self._next_job(timeout, max_idle_time, idle_since)
+            return connection.riding_outages(
+                lambda: self._next_job(timeout, max_idle_time, idle_since),
+                math.inf,
+                log_outage,
+                give_up=lambda: self._stop_requested,
+            )
         except REDIS_DOWN:
             pass
         raise StopRequested()

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import Callable
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from queue_service.protocol import REQUEST_ID_HEADER
+from queue_service.store.queues import new_request_id
 
 log = logging.getLogger("queue_service.access")
 SWITCHING_PROTOCOLS = 101
@@ -44,7 +44,8 @@ class RequestLog:
         websocket = scope["type"] == "websocket"
         method = "GET" if websocket else scope["method"]
         state = scope.setdefault("state", {})
-        state.setdefault("request_id", str(uuid.uuid4()))
+        if "request_id" not in state:
+            state["request_id"] = new_request_id()
         state.setdefault("received_at", started)
         status = 500
 

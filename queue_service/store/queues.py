@@ -7,8 +7,8 @@ be atomic is one script (`scripts.py`); the rest are plain commands, pipelined w
 from __future__ import annotations
 
 import json
+import os
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +36,7 @@ from queue_service.store.model import (
     WatchDelivery,
     WebhookCounts,
 )
+from queue_service.store.pipelining import AutoPipeline
 
 # How many items one truncate script removes before the next step (a huge truncate must not block Redis).
 TRUNCATE_STEP = 1000
@@ -48,8 +49,14 @@ CONSUMER_ROWS_BEFORE_PRUNING = 256
 
 
 def new_request_id() -> str:
-    # uuid4 takes 122 bits from os.urandom: unguessable, and the format the platform's clients expect.
-    return str(uuid.uuid4())
+    """A random (version 4) UUID, as `str(uuid.uuid4())` writes it: unguessable (122 bits of os.urandom), and
+    the format the platform's clients expect. Built here from the bytes: half of uuid4's cost, and every
+    put and every request's log line takes one (issue 17)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def now_ms() -> int:
@@ -85,6 +92,8 @@ class QueueStore:
     def __init__(self, redis: Redis, durability: Durability | None = None) -> None:
         self.redis = redis
         self.scripts = scripts.Scripts(redis)
+        # Concurrent puts share round trips (one pipeline); a cluster client routes each key itself.
+        self.puts = AutoPipeline(self.scripts, redis) if isinstance(redis, Redis) else None
         # Services whose puts a replica must confirm before they are acknowledged (NotReplicated if not).
         self.durability = dict(durability or {})
 
@@ -129,6 +138,8 @@ class QueueStore:
         rule = self.durability.get(qk.service)
         if rule is not None:
             return await run_replicated_async(self.scripts, self.redis, call, rule)
+        if self.puts is not None:
+            return await self.puts.run(call)
         return await self.scripts.run_async(call)
 
     async def read(

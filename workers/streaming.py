@@ -166,8 +166,10 @@ class RequestStream:
     """One delivery of one request: its pending entries, and how many bytes of chunks it streamed."""
 
     __slots__ = (
+        "encodings",
         "hooks",
         "item",
+        "joined_bytes",
         "max_bytes",
         "pending",
         "pending_progress",
@@ -187,6 +189,8 @@ class RequestStream:
         self.ttl_ms = ttl_ms
         self.hooks = hooks  # its `progress` / `output` webhooks, enqueued with its writes (None: it asks none)
         self.used = 0
+        self.joined_bytes = 0  # its chunks joined as the result will be (JSON ones with a newline): `output` webhooks
+        self.encodings = ""  # which of TEXT, BYTES, JSON its chunks had, in that order
         self.pending: list[tuple[str, str, bytes]] = []
         self.pending_progress: str = ""
         self.written = False  # this delivery wrote to the stream
@@ -210,6 +214,9 @@ class RequestStream:
                 f"request {self.item.request_id} streamed more than queue.stream.max_bytes={self.max_bytes} bytes"
             )
         self.used += len(data)
+        self.joined_bytes += len(data) + (encoding == JSON)
+        if encoding not in self.encodings:
+            self.encodings = "".join(e for e in (TEXT, BYTES, JSON) if e in self.encodings + encoding)
         self.writer.add(self, ("c", encoding, data), "")
 
 
@@ -295,7 +302,8 @@ class StreamWriter:
                     progress_json=stream.pending_progress,
                     ttl_ms=stream.ttl_ms,
                     hooks=stream.hooks,
-                    streamed_bytes=stream.used,
+                    output_bytes=stream.joined_bytes,
+                    encodings=stream.encodings,
                 )
                 stream.pending, stream.pending_progress = [], ""
                 calls.append((stream, call))

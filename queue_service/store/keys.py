@@ -255,6 +255,12 @@ def webhook_gate(service: str, request_id: str, event: str) -> str:
     return f"{_service(service)}:webhooks:gate:{event}:{request_id}"
 
 
+def webhook_output(service: str, request_id: str) -> str:
+    """String: the output so far of a running request whose webhooks ask for `output` (its chunks joined), while it is
+    within webhook.max_result_bytes; what chunks.lua puts in an `output` delivery. Dropped at its end."""
+    return f"{_service(service)}:webhooks:output:{request_id}"
+
+
 def service_keys(service: str) -> list[str]:
     """Every fixed-name key of a service (not the reply streams of API processes, which expire by themselves)."""
     return [

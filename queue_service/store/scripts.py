@@ -929,6 +929,7 @@ def _chunk_keys(service: str, request_id: str) -> list[str]:
         hooks.stream,
         hooks.requests,
         *(keys.webhook_gate(service, request_id, event) for event in STREAM_EVENTS),
+        keys.webhook_output(service, request_id),
     ]
 
 
@@ -941,15 +942,17 @@ def chunks_append(
     progress_json: str = "",
     ttl_ms: int,
     hooks: StreamHooks | None = None,
-    streamed_bytes: int = 0,
+    output_bytes: int = 0,
+    encodings: str = "",
 ) -> Call[bool]:
     """Append (kind 'c' chunk / 'p' progress, encoding, value) entries; False when a later delivery owns the stream.
 
     With `hooks`, a progress report enqueues the request's `progress` webhooks and chunks its `output` ones
-    (the output so far, or a link past `hooks.inline_bytes`; `streamed_bytes` is the worker's count of this
-    delivery's chunk bytes), each at most once per `hooks.gap_ms`, in the same step as the write."""
+    (the output so far, or a link past `hooks.inline_bytes`; `output_bytes` is the worker's count of this
+    delivery's chunks joined, these included, `encodings` theirs: 't', 'b', 'j' seen), each at most once per
+    `hooks.gap_ms`, in the same step as the write."""
     flat: list[Arg] = [part for entry in entries for part in entry]
-    hook_args: list[Arg] = ["", "", 0, "", 0, 0, 0, 0, 0]
+    hook_args: list[Arg] = ["", "", 0, "", 0, 0, 0, 0, 0, ""]
     if hooks is not None:
         hook_args = [
             hooks.hooks,
@@ -959,8 +962,9 @@ def chunks_append(
             hooks.index,
             hooks.put_ms,
             hooks.start_ms,
-            streamed_bytes,
+            output_bytes,
             hooks.inline_bytes,
+            encodings,
         ]
     return Call(
         "chunks",

@@ -192,7 +192,8 @@ def _exercise_every_script(client: redis.Redis, service: str) -> None:
             progress_json='{"fraction":0.5}',
             ttl_ms=60_000,
             hooks=dataclasses.replace(hooks, gap_ms=1),
-            streamed_bytes=4,
+            output_bytes=4,
+            encodings="t",
         )
         attempt(call)
         time.sleep(0.01)  # past the gates' gap: the next append enqueues again

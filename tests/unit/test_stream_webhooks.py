@@ -35,8 +35,13 @@ def item(request_id: str, hooks: str, deliveries: int = 1) -> Item:
     return Item(SERVICE, queue, "5-0", 5, request_id, b"", {}, 1_700_000_000_000, "", deliveries, hooks=hooks)
 
 
+# What the worker counts of each request's chunks so far: (bytes joined, encodings seen).
+_SO_FAR: dict[str, tuple[int, str]] = {}
+
+
 @pytest.fixture
 def client(fresh_redis_url: str) -> Iterator[redis.Redis]:
+    _SO_FAR.clear()
     sync_client = redis.Redis.from_url(fresh_redis_url)
     yield sync_client
     sync_client.close()
@@ -63,11 +68,16 @@ def append(
     progress: str = "",
     gap_ms: int = 1000,
     inline_bytes: int = 1000,
-    streamed: int = 0,
 ) -> bool:
     hooks = scripts.stream_hooks(held, inline_bytes=inline_bytes, start_ms=1_700_000_001_000)
     if hooks is not None:
         hooks = dataclasses.replace(hooks, gap_ms=gap_ms)
+    size, seen = _SO_FAR.get(held.request_id, (0, ""))
+    for kind, encoding, value in entries:
+        if kind == "c":
+            size += len(value) + (encoding == "j")
+            seen = "".join(e for e in "tbj" if e in seen + encoding)
+    _SO_FAR[held.request_id] = (size, seen)
     call = scripts.chunks_append(
         SERVICE,
         held.request_id,
@@ -76,7 +86,8 @@ def append(
         progress_json=progress,
         ttl_ms=60_000,
         hooks=hooks,
-        streamed_bytes=streamed,
+        output_bytes=size,
+        encodings=seen,
     )
     return scripts.Scripts(client).run(call)
 
@@ -120,7 +131,7 @@ def test_within_the_gap_nothing_more_is_enqueued_and_after_it_the_latest_is(clie
 
 def test_output_beyond_max_result_bytes_is_a_link_to_the_stream_and_binary_is_base64(client: redis.Redis) -> None:
     big = item("r-3", targets("output"))
-    append(client, big, [("c", "t", "x" * 50)], inline_bytes=10, streamed=50)
+    append(client, big, [("c", "t", "x" * 50)], inline_bytes=10)
     binary = item("r-4", targets("output"))
     append(client, binary, [("c", "b", b"\xff\x00"), ("c", "j", '{"a":1}')])
 
@@ -140,6 +151,22 @@ def test_a_request_whose_webhooks_ask_neither_gets_none_and_writes_no_gate(clien
 
     assert deliveries(client) == []
     assert client.keys(f"{HOOKS.stream}:gate:*") == []
+
+
+def test_the_output_so_far_restarts_with_a_new_delivery_and_goes_at_the_end(client: redis.Redis) -> None:
+    first, second = item("r-9", targets("output")), item("r-9", targets("output"), deliveries=2)
+    append(client, first, [("c", "t", "old ")], gap_ms=1)
+    _SO_FAR.clear()  # the new delivery's worker counts from nothing
+    time.sleep(0.01)
+    append(client, second, [("c", "t", "new ")], gap_ms=1)
+    time.sleep(0.01)
+    append(client, second, [("c", "t", "more ")], gap_ms=1)
+
+    assert [payload(d)["data"]["output"] for d in deliveries(client, "output")] == ["old ", "new ", "new more "]
+    assert [payload(d)["data"]["deliveries"] for d in deliveries(client, "output")] == [1, 2, 2]
+    end = scripts.chunks_end(SERVICE, "r-9", delivery=2, done_json="{}", ttl_ms=60_000, if_exists=True)
+    assert scripts.Scripts(client).run(end)
+    assert not client.exists(keys.webhook_output(SERVICE, "r-9"))
 
 
 def test_a_refused_write_of_an_earlier_delivery_enqueues_nothing(client: redis.Redis) -> None:

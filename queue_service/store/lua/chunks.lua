@@ -6,16 +6,20 @@
 -- stream's (a worker that stalled past its lease) is refused. Entry ids are the stream's own (`<ms>-<n>`).
 -- An append of a request whose webhooks ask for `progress` or `output` enqueues that event's deliveries in
 -- the same step (enqueue_hooks), at most one per event per `gap_ms`: a gate key SET NX PX gap_ms.
--- KEYS: chunks, progress, webhooks stream, webhooks requests, progress gate, output gate
+-- For `output` the script keeps the output so far (this delivery's chunks joined as its result will be: text
+-- and bytes as they are, JSON chunks one a line) in its own key while it is within the inline bytes: one APPEND
+-- per write, no rescan of the stream.
+-- KEYS: chunks, progress, webhooks stream, webhooks requests, progress gate, output gate, output so far
 -- ARGV: mode ('append' | 'end'), delivery, ttl_ms, then
 --   append: progress_json ('' none), hooks ('' none: no progress/output webhooks), events wanted
---           ('progress', 'output' or both, comma-separated), gap_ms, rid, index, put_ms, start_ms, streamed bytes
---           (of chunks so far, as the worker counts them), inline bytes (webhook.max_result_bytes), then
+--           ('progress', 'output' or both, comma-separated), gap_ms, rid, index, put_ms, start_ms, output bytes
+--           (this delivery's chunks joined so far, this write's included, as the worker counts them), inline
+--           bytes (webhook.max_result_bytes), the chunks' encodings so far ('t', 'b', 'j' seen), then
 --           (kind, encoding, value) per entry ('c' chunks; 'p' progress)
 --   end:    done_json, if_exists ('1': only when the stream exists, i.e. something was streamed)
 -- Returns 1 written, 0 refused (a later delivery writes this stream, or nothing to end).
 local mode, delivery, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local FIRST_ENTRY = 14
+local FIRST_ENTRY = 15
 
 local function own(stream)
   local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
@@ -25,35 +29,9 @@ local function own(stream)
   if current < delivery then
     local restart = redis.call('XADD', stream, '*', 'k', 'r', 'dl', delivery)
     redis.call('XTRIM', KEYS[1], 'MINID', restart)
+    redis.call('DEL', KEYS[7]) -- the earlier delivery's output so far
   end
   return true
-end
-
--- This delivery's chunks joined as its result will be (text and bytes as they are, JSON chunks one a line),
--- and the encodings seen; nil when they come to more than `limit` bytes.
-local function output_so_far(limit)
-  local parts, size, kinds, from = {}, 0, {}, '-'
-  while true do
-    local page = redis.call('XRANGE', KEYS[1], from, '+', 'COUNT', 256)
-    for _, e in ipairs(page) do
-      local f = fields_of(e[2])
-      if f['k'] == 'c' and tonumber(f['dl']) == delivery then
-        local v = f['v']
-        if f['e'] == 'j' then v = v .. '\n' end
-        size = size + #v
-        if size > limit then return nil end
-        parts[#parts + 1] = v
-        kinds[f['e']] = true
-      end
-    end
-    if #page < 256 then break end
-    from = '(' .. page[#page][1]
-  end
-  local seen = ''
-  for _, k in ipairs({'t', 'b', 'j'}) do
-    if kinds[k] then seen = seen .. k end
-  end
-  return table.concat(parts), seen
 end
 
 local function gate_open(key, gap)
@@ -84,11 +62,9 @@ local function hooks_of_append(progress, chunked)
       facts[#facts + 1] = 'progress'
       facts[#facts + 1] = last
     end
-    local limit = tonumber(ARGV[13])
-    local output, kinds = nil, nil
-    if tonumber(ARGV[12]) <= limit then output, kinds = output_so_far(limit) end
-    if output then
-      for _, v in ipairs({'output', output, 'osize', tostring(#output), 'okinds', kinds}) do facts[#facts + 1] = v end
+    if tonumber(ARGV[12]) <= tonumber(ARGV[13]) then
+      local output = redis.call('GET', KEYS[7]) or ''
+      for _, v in ipairs({'output', output, 'osize', tostring(#output), 'okinds', ARGV[14]}) do facts[#facts + 1] = v end
     else
       for _, v in ipairs({'ostream', '1', 'osize', ARGV[12]}) do facts[#facts + 1] = v end
     end
@@ -101,21 +77,37 @@ if mode == 'end' then
   if not own(KEYS[1]) then return 0 end
   redis.call('XADD', KEYS[1], '*', 'k', 'd', 'dl', delivery, 'v', ARGV[4])
   redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('DEL', KEYS[7]) -- its `completed` carries the whole result
   if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PEXPIRE', KEYS[2], ttl) end
   return 1
 end
 
 if not own(KEYS[1]) then return 0 end
 local chunked = false
+-- The output so far, for `output` webhooks: kept while within the inline bytes, dropped past them.
+local keep_output = ARGV[5] ~= '' and string.find(ARGV[6], 'output', 1, true) ~= nil
+if keep_output and tonumber(ARGV[12]) > tonumber(ARGV[13]) then
+  redis.call('DEL', KEYS[7])
+  keep_output = false
+end
+local joined = {}
 for i = FIRST_ENTRY, #ARGV, 3 do
   if ARGV[i] == 'c' then
     redis.call('XADD', KEYS[1], '*', 'k', 'c', 'dl', delivery, 'e', ARGV[i + 1], 'v', ARGV[i + 2])
     chunked = true
+    if keep_output then
+      joined[#joined + 1] = ARGV[i + 2]
+      if ARGV[i + 1] == 'j' then joined[#joined + 1] = '\n' end
+    end
   else
     redis.call('XADD', KEYS[1], '*', 'k', 'p', 'dl', delivery, 'v', ARGV[i + 2])
   end
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
+if #joined > 0 then
+  redis.call('APPEND', KEYS[7], table.concat(joined))
+  redis.call('PEXPIRE', KEYS[7], ttl)
+end
 if ARGV[4] ~= '' then redis.call('SET', KEYS[2], ARGV[4], 'PX', ttl) end
 if ARGV[5] ~= '' then hooks_of_append(ARGV[4], chunked) end
 return 1

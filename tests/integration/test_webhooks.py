@@ -290,6 +290,12 @@ def test_a_webhook_on_a_service_without_webhook_settings_is_refused(http: httpx.
 # --- progress and output of a streaming request -----------------------------------------------------
 
 
+def first_of_each(received: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a receiver that dedupes on `webhook-id` (as docs/webhooks.md asks) keeps: each delivery's first arrival."""
+    seen: set[str] = set()
+    return [r for r in received if not (r["webhookId"] in seen or seen.add(r["webhookId"]))]
+
+
 def test_a_streaming_request_sends_coalesced_progress_and_output_in_order_then_completed(
     http: httpx.Client, receiver: Receiver, worker: WorkerFactory, services: Path
 ) -> None:
@@ -307,7 +313,7 @@ def test_a_streaming_request_sends_coalesced_progress_and_output_in_order_then_c
     got = wait_until(
         lambda: (
             (found := receiver.received("/ok-stream"))
-            and found[-1]["payload"].get("type") == "request.completed"
+            and any(r["payload"].get("type") == "request.completed" for r in found)
             and found
         ),
         WAIT,
@@ -315,7 +321,7 @@ def test_a_streaming_request_sends_coalesced_progress_and_output_in_order_then_c
     )
 
     assert all(r["verified"] for r in got), got
-    assert len({r["webhookId"] for r in got}) == len(got)  # each delivered once
+    got = first_of_each(got)  # at least once: a loaded machine may resend one (same webhook id)
     types = [r["payload"]["type"] for r in got]
     assert types[-1] == "request.completed" and types.count("request.completed") == 1
     progress = [r["payload"]["data"] for r in got if r["payload"]["type"] == "request.progress"]
@@ -357,7 +363,7 @@ def test_a_streaming_request_whose_webhook_asks_only_completed_gets_no_progress_
 
     assert delivery["payload"]["type"] == "request.completed" and delivery["verified"]
     assert delivery["payload"]["data"]["requestId"] == request_id
-    assert len(receiver.received("/ok-plain")) == 1
+    assert len(first_of_each(receiver.received("/ok-plain"))) == 1
 
 
 # --- deadlines, Prefer: wait, idempotency ----------------------------------------------------

@@ -44,7 +44,7 @@ from queue_service.api.waiters import Match, ServiceWaiters, StreamWaiter
 from queue_service.protocol import CLIENT_CLOSED
 from queue_service.store import keys
 from queue_service.store.model import Reply, StreamEntry
-from queue_service.store.queues import RequestState, new_request_id, stream_entry
+from queue_service.store.queues import RequestState, stream_entry
 
 EVENT_STREAM = "text/event-stream"
 # Entries read from a request's stream at a time: what one stream holds in memory besides its wait.
@@ -300,12 +300,7 @@ async def _ending(call: QueueCall, request_id: str, found: RequestState | None, 
 
 async def sync_stream(request: Request, call: QueueCall, path: str = "") -> Response:
     app, service = call.app, call.service
-    received_at = getattr(request.state, "received_at", None) or time.monotonic()
-    deadline = received_at + service.rpc.keepalive / 1000
-    await app.rate.admit(service)
-    request_id = new_request_id()
-    request.state.request_id = request_id
-    waiters = app.waiters.of(call.qk)
+    deadline, request_id, waiters = await sync.admit(request, call)
     slot = contextlib.AsyncExitStack()
     slot.enter_context(app.waits.hold(service.name, "streams"))
     answer = waiters.expect_reply(request_id)  # before the put: the answer cannot come first

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from queue_service.api.disconnect import ClientGone
 from queue_service.api.errors import ApiError
 from queue_service.api.preamble import QueueCall
+from queue_service.api.waiters import ServiceWaiters
 from queue_service.protocol import CLIENT_CLOSED
 from queue_service.store.model import NoLiveWorker, PutResult
 from queue_service.store.queues import new_request_id
@@ -41,15 +42,20 @@ async def put_for_reply(request: Request, call: QueueCall, request_id: str, path
         raise ApiError(503, f"no healthy upstream: no live worker serves service {call.service.name!r}") from None
 
 
-async def call(request: Request, call: QueueCall, path: str = "") -> Response:
-    app, service = call.app, call.service
+async def admit(request: Request, call: QueueCall) -> tuple[float, str, ServiceWaiters]:
+    """A sync request past the rate limit: its deadline (monotonic), its new request id, its service's waiters."""
     # Keepalive covers the whole request: reading the body and admission count too.
     received_at = getattr(request.state, "received_at", None) or time.monotonic()
-    deadline = received_at + service.rpc.keepalive / 1000
-    await app.rate.admit(service)
+    deadline = received_at + call.service.rpc.keepalive / 1000
+    await call.app.rate.admit(call.service)
     request_id = new_request_id()
     request.state.request_id = request_id
-    waiters = app.waiters.of(call.qk)
+    return deadline, request_id, call.app.waiters.of(call.qk)
+
+
+async def call(request: Request, call: QueueCall, path: str = "") -> Response:
+    app, service = call.app, call.service
+    deadline, request_id, waiters = await admit(request, call)
     answer = waiters.expect_reply(request_id)  # before the put: the answer cannot come first
     gone = ClientGone(request.receive)
     try:

@@ -85,6 +85,7 @@ def test_a_request_past_max_processing_seconds_ends_with_408_and_the_others_go_o
     assert all(stack.runs()[p.token][0].outcome == "ok" for p in quick)
 
 
+@pytest.mark.quiet  # a 2 s grace window
 def test_sigterm_lets_requests_in_flight_finish_and_hands_back_those_past_the_grace(stack: Stack) -> None:
     stack.start_api()
     grace = 2

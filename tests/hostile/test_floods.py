@@ -109,6 +109,7 @@ def describe_trips(trips: list[RoundTrip]) -> str:
     return f"{len(bad)} of {len(trips)} echo round trips failed ({shown})"
 
 
+@pytest.mark.quiet  # 1,200 clients at once: on a box busy with 6 other tests the API reads few before they leave
 def test_abandoned_long_polls_release_redis_and_leave_other_services_served(
     api: ApiFactory, worker: WorkerFactory, services_file: ServicesFileFactory, redis_url: str
 ) -> None:

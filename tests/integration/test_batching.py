@@ -21,7 +21,7 @@ from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
-TIMEOUT_MS = 3000  # long, so that waiting for it (or not) shows in the times
+TIMEOUT_MS = 8000  # long, so that waiting for it (or not) shows in the times, and a loaded box sees it
 
 
 def batching(name: str, processor: str, size: int = 8) -> dict[str, Any]:
@@ -87,9 +87,10 @@ def test_a_lone_sync_request_is_answered_at_once_not_after_the_batch_timeout(
         times.append(time.monotonic() - started)
         assert answer.status_code == 200, answer.text
         assert answer.json() == {"batch": 1, "position": 0, "body": "alone"}
-    assert max(times) < TIMEOUT_MS / 1000 / 2, times  # a 3 s wait for more would show
+    assert max(times) < TIMEOUT_MS / 1000 / 2, times  # an 8 s wait for more would show
 
 
+@pytest.mark.quiet  # a timing window: the third item must come while the busy worker waits for more
 def test_a_busy_worker_waits_up_to_the_timeout_for_more_items_to_fill_its_batch(
     api: ApiFactory, worker: WorkerFactory, batch_services: Path, sync_redis: redis.Redis
 ) -> None:
@@ -102,7 +103,7 @@ def test_a_busy_worker_waits_up_to_the_timeout_for_more_items_to_fill_its_batch(
     first = put(stack, "batches", "sleep:1")  # alone: the worker was idle
     wait_until(lambda: first in held(), 10, "the first batch running")
     second = put(stack, "batches", "ok")  # waits for the first batch, then is taken by a busy worker...
-    wait_until(lambda: second in held() and first not in held(), 10, "the second item taken")
+    wait_until(lambda: second in held() and first not in held(), 20, "the second item taken")
     taken_at = time.monotonic()
     third = put(stack, "batches", "ok")  # ...which waits for more: this one joins its batch
     frames = [result(stack, "batches", rid) for rid in (second, third)]

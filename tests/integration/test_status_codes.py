@@ -46,7 +46,7 @@ OTHER_TOKEN = "other-token-81c2"
 ECHO = "workers.examples:Echo"
 SLEEP = "workers.examples:Sleep"
 RATE = 5  # requests per second of the rate-limited services
-BURST_ATTEMPTS = 3
+BURST_ATTEMPTS = 8  # a loaded box may be too slow for a one-second burst a few times in a row
 REFILL_SECONDS = 1.5  # a GCRA limit with a one-second burst is full again after one second without requests
 SLOW_KEEPALIVE_MS = 1000
 IDLE_KEEPALIVE_SECONDS = 5  # metadata.rpc.keepalive's default
@@ -523,6 +523,7 @@ def test_408_started_request_finishes_but_its_late_result_never_reaches_the_sink
 
 
 @pytest.mark.parametrize(("service", "suffix"), [("limited", ""), ("limited-sync", "/sync")])
+@pytest.mark.quiet  # needs a burst within one second
 async def test_429_rate_limit_is_shared_by_two_api_processes(
     stack: Stack, second_api: str, service: str, suffix: str
 ) -> None:
@@ -702,6 +703,7 @@ def test_500_only_for_an_internal_fault_with_the_request_id_to_find_its_log(stac
 # --- acceptance: 200 concurrent sync clients ----------------------------------------------
 
 
+@pytest.mark.quiet  # 200 clients against a 3 s keepalive: a busy box answers them all 408
 async def test_200_concurrent_sync_clients_get_200_408_or_450_within_keepalive(stack: Stack) -> None:
     keepalive = LOAD_KEEPALIVE_MS / 1000
 

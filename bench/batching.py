@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ import yaml
 from websockets.asyncio.client import connect as ws_connect
 
 from bench.load import Http, hammer
-from bench.run import GID_HEADER, Report, machine_info, pct, table
+from bench.run import GID_HEADER, Report, machine_info, pct, print_results
 from queue_service.embedded_redis import RedisServer, free_port
 from queue_service.testing import ManagedProcess, spawn_api, spawn_worker, stop_all, wait_answering, wait_listening
 
@@ -226,15 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.stop()
         shutil.rmtree(log_dir, ignore_errors=True)
-    command = "python -m bench.batching" + {"smoke": " --smoke", "quick": " --quick", "full": ""}[plan.name]
-    print()
-    print(f"## Results ({command}, {report.seconds:.0f} s)")
-    print()
-    print(", ".join(f"{k}: {v}" for k, v in report.machine.items()))
-    print()
-    print(table(report))
-    if args.json:
-        args.json.write_text(json.dumps(asdict(report) | {"command": command}, indent=2))
+    print_results("bench.batching", plan.name, report, args.json)
     return 0
 
 

@@ -556,6 +556,20 @@ def run_threads(threads: int, n: int, call: Callable[[], Any], max_seconds: floa
     return result
 
 
+def print_results(module: str, plan_name: str, report: Report, json_path: Path | None) -> str:
+    """The run's table under its command, and its JSON when asked; the command, for what follows."""
+    command = f"python -m {module}" + {"smoke": " --smoke", "quick": " --quick", "full": ""}[plan_name]
+    print()
+    print(f"## Results ({command}, {report.seconds:.0f} s)")
+    print()
+    print(", ".join(f"{k}: {v}" for k, v in report.machine.items()))
+    print()
+    print(table(report))
+    if json_path:
+        json_path.write_text(json.dumps(asdict(report) | {"command": command}, indent=2))
+    return command
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
@@ -576,19 +590,11 @@ def main(argv: list[str] | None = None) -> int:
         bench.stop()
         if not args.keep_logs:
             shutil.rmtree(log_dir, ignore_errors=True)
-    command = "python -m bench.run" + {"smoke": " --smoke", "quick": " --quick", "full": ""}[plan.name]
-    print()
-    print(f"## Results ({command}, {report.seconds:.0f} s)")
-    print()
-    print(", ".join(f"{k}: {v}" for k, v in report.machine.items()))
-    print()
-    print(table(report))
+    print_results("bench.run", plan.name, report, args.json)
     print()
     print("Redis commands per request, by command (ours, then plain RQ):")
     for label, top in report.breakdown.items():
         print(f"- {label}: " + ", ".join(f"{name} {per:.2f}" for name, per in top))
-    if args.json:
-        args.json.write_text(json.dumps(asdict(report) | {"command": command}, indent=2))
     return 0
 
 

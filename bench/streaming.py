@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ import yaml
 from httpx_sse import connect_sse
 
 from bench import jobs
-from bench.run import Report, machine_info, pct, table
+from bench.run import Report, machine_info, pct, print_results
 from queue_service.embedded_redis import RedisServer
 from queue_service.testing import ManagedProcess, spawn_api, spawn_worker, stop_all, wait_answering, wait_listening
 
@@ -284,15 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.stop()
         shutil.rmtree(log_dir, ignore_errors=True)
-    command = "python -m bench.streaming" + {"smoke": " --smoke", "quick": " --quick", "full": ""}[plan.name]
-    print()
-    print(f"## Results ({command}, {report.seconds:.0f} s)")
-    print()
-    print(", ".join(f"{k}: {v}" for k, v in report.machine.items()))
-    print()
-    print(table(report))
-    if args.json:
-        args.json.write_text(json.dumps(asdict(report) | {"command": command}, indent=2))
+    print_results("bench.streaming", plan.name, report, args.json)
     return 0
 
 

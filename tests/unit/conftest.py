@@ -7,10 +7,11 @@ per-test FLUSHALL never reaches any other Redis on the machine.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
+import redis.asyncio
 
 # Starlette's FileResponse (the /docs assets) imports anyio's file I/O lazily, deep in a request's stack,
 # and pytest rewrites anyio's modules on import (anyio is a pytest plugin). On CPython 3.11.7 that compile()
@@ -19,6 +20,7 @@ import redis
 from anyio import open_file  # noqa: F401
 
 from queue_service.embedded_redis import RedisServer
+from queue_service.store.queues import QueueStore
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +38,19 @@ def fresh_redis_url(shared_redis_server: RedisServer) -> str:
     finally:
         client.close()
     return shared_redis_server.url
+
+
+@pytest.fixture
+def client(fresh_redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client of the emptied server (a test module may name its own `client`)."""
+    sync_client = redis.Redis.from_url(fresh_redis_url)
+    yield sync_client
+    sync_client.close()
+
+
+@pytest.fixture
+async def store(fresh_redis_url: str) -> AsyncIterator[QueueStore]:
+    """The API's store over an asyncio client of the emptied server."""
+    async_client = redis.asyncio.Redis.from_url(fresh_redis_url)
+    yield QueueStore(async_client)
+    await async_client.aclose()

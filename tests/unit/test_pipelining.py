@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 
-import pytest
 import redis
 import redis.asyncio
 
@@ -15,20 +13,6 @@ from queue_service.store.pipelining import MAX_BATCH
 from queue_service.store.queues import QueueStore
 
 IN = keys.input_queue("echo")
-
-
-@pytest.fixture
-def client(fresh_redis_url: str) -> Iterator[redis.Redis]:
-    sync_client = redis.Redis.from_url(fresh_redis_url)
-    yield sync_client
-    sync_client.close()
-
-
-@pytest.fixture
-async def store(fresh_redis_url: str) -> AsyncIterator[QueueStore]:
-    async_client = redis.asyncio.Redis.from_url(fresh_redis_url)
-    yield QueueStore(async_client)
-    await async_client.aclose()
 
 
 def round_trips(client: redis.Redis) -> int:

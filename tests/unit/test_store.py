@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
@@ -48,20 +47,6 @@ LEASE_MS = 3000
 RULES = TakeRules(lease_ms=LEASE_MS, max_delivery=3, sink_max_items=1000, sink_max_bytes=1_000_000)
 ANY_SIZE = 1 << 30
 CHANNEL = "api-process-1"
-
-
-@pytest.fixture
-def client(fresh_redis_url: str) -> Iterator[redis.Redis]:
-    sync_client = redis.Redis.from_url(fresh_redis_url)
-    yield sync_client
-    sync_client.close()
-
-
-@pytest.fixture
-async def store(fresh_redis_url: str) -> AsyncIterator[QueueStore]:
-    async_client = redis.asyncio.Redis.from_url(fresh_redis_url)
-    yield QueueStore(async_client)
-    await async_client.aclose()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
@@ -20,20 +19,6 @@ from tests.support.counts import assert_counts_true
 SERVICE = "echo"
 IN = keys.input_queue(SERVICE)
 RULES = TakeRules(lease_ms=3000, max_delivery=3, sink_max_items=1000, sink_max_bytes=1_000_000)
-
-
-@pytest.fixture
-def client(fresh_redis_url: str) -> Iterator[redis.Redis]:
-    sync_client = redis.Redis.from_url(fresh_redis_url)
-    yield sync_client
-    sync_client.close()
-
-
-@pytest.fixture
-async def store(fresh_redis_url: str) -> AsyncIterator[QueueStore]:
-    async_client = redis.asyncio.Redis.from_url(fresh_redis_url)
-    yield QueueStore(async_client)
-    await async_client.aclose()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ On a real Redis, each ending with the counters recounted from the streams (`asse
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
@@ -24,20 +23,6 @@ IN = keys.input_queue(SERVICE)
 SINK = keys.sink_queue(SERVICE)
 RULES = TakeRules(lease_ms=3000, max_delivery=3, sink_max_items=1000, sink_max_bytes=1_000_000)
 ANY_SIZE = 1 << 30
-
-
-@pytest.fixture
-def client(fresh_redis_url: str) -> Iterator[redis.Redis]:
-    sync_client = redis.Redis.from_url(fresh_redis_url)
-    yield sync_client
-    sync_client.close()
-
-
-@pytest.fixture
-async def store(fresh_redis_url: str) -> AsyncIterator[QueueStore]:
-    async_client = redis.asyncio.Redis.from_url(fresh_redis_url)
-    yield QueueStore(async_client)
-    await async_client.aclose()
 
 
 async def put(store: QueueStore, qk: QueueKeys, count: int, priority: bool = False) -> list[int]:

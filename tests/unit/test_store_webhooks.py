@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -31,13 +31,6 @@ HOOKS = keys.webhooks(SERVICE)
 RULES = TakeRules(lease_ms=3000, max_delivery=3, sink_max_items=1000, sink_max_bytes=1_000_000)
 COMPLETED = json.dumps([{"url": "https://receiver.example/hook", "events": ["completed"]}])
 EVERY_EVENT = json.dumps([{"url": "https://receiver.example/hook", "events": ["start", "completed"]}])
-
-
-@pytest.fixture
-def client(fresh_redis_url: str) -> Iterator[redis.Redis]:
-    sync_client = redis.Redis.from_url(fresh_redis_url)
-    yield sync_client
-    sync_client.close()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from queue_service.api.disconnect import ClientGone
 from queue_service.api.params import MAX_LENGTH
@@ -38,7 +38,11 @@ RECHECK_SECONDS = 5.0
 
 
 class SettledResponse(Response):
-    """Sends its answer, then settles the reserved items: removed if the client was there, else given back."""
+    """Sends its answer, then settles the reserved items: removed if the client was there, else given back.
+
+    The answer goes out chunked, and its last (empty) chunk only after the settle: a client cannot see its
+    answer complete, and ask again, before the items are gone (with a Content-Length it could, and find them).
+    """
 
     def __init__(self, answer: Response, settle: Callable[[bool], Awaitable[object]], request: Request) -> None:
         self.answer = answer
@@ -46,11 +50,22 @@ class SettledResponse(Response):
         self.request = request
         self.status_code = answer.status_code
         self.background = None
+        answer.raw_headers = [(k, v) for k, v in answer.raw_headers if k != b"content-length"]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         delivered = not await self.request.is_disconnected()
-        await self.answer(scope, receive, send)
-        await self.settle(delivered)
+
+        async def send_all_but_the_end(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                message = {**message, "more_body": True}
+            await send(message)
+
+        try:
+            await self.answer(scope, receive, send_all_but_the_end)
+        except OSError:
+            delivered = False
+        await self.settle(delivered and not await self.request.is_disconnected())
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def get_items(request: Request, call: QueueCall) -> Response:

@@ -6,7 +6,8 @@ A long poll holds no Redis connection while it waits (`waiters.py` wakes it), st
 leaves, and counts against the process's and the service's bounds on open waits (429 past them).
 
 `_auto_delete_=true` never deletes for a client that is gone: the read reserves what it returns (other
-auto-deleting readers skip it), the answer is written, and only then are the items removed. If the client
+auto-deleting readers skip it), the answer is written, the items are removed, and only then does the
+answer end (it goes out chunked), so the client's next request never finds them. If the client
 left first, the reservation is given back; if the API dies in between, the reservation lapses after
 `RESERVE_MS` and the items are there again. What is guaranteed: an item is deleted only after its answer
 was written to the client's open connection; an answer lost after that (a network break mid-flight) is

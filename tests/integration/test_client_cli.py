@@ -203,7 +203,8 @@ def test_ctrl_c_during_put_wait_keeps_the_request_id_and_says_how_to_get_the_res
     terminal = Terminal()
     with terminal.spawn("put", "-s", "sleep", "--wait", "--url", stack.url) as process:
         assert process.stdin is not None
-        process.stdin.write(b"2")
+        # 8 s: the Ctrl-C must land while the request runs, even when this test's thread is slow to see the id.
+        process.stdin.write(b"8")
         process.stdin.close()
         # The id is on the terminal as soon as the put is accepted, long before any result.
         accepted = terminal.wait_for(r"accepted: index (\d+), request id ([0-9a-f-]+)")
@@ -217,9 +218,9 @@ def test_ctrl_c_during_put_wait_keeps_the_request_id_and_says_how_to_get_the_res
     command = re.search(r"queue-service get (.+)", shown)
     assert command and "-s sleep" in command.group(1) and request_id in command.group(1), shown
     # The command printed works: the request went on, and its result is there to get.
-    later = run_cli("get", *shlex.split(command.group(1).strip()))
+    later = run_cli("get", "--timeout", "60", *shlex.split(command.group(1).strip()))
     assert later.returncode == EXIT_OK, later.stderr
-    assert json.loads(later.stdout) == {"slept": 2}
+    assert json.loads(later.stdout) == {"slept": 8}
 
 
 def test_put_wait_without_a_live_worker_says_so_once_and_keeps_waiting(api_only: Stack, tmp_path: Path) -> None:

@@ -63,8 +63,9 @@ class SettledResponse(Response):
 
         try:
             await self.answer(scope, receive, send_all_but_the_end)
-        except OSError:
-            delivered = False
+        except OSError:  # the connection broke under the answer (a server that says so): the items go back
+            await self.settle(False)
+            return
         await self.settle(delivered and not await self.request.is_disconnected())
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -371,8 +371,7 @@ def outage_retry(
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(REDIS_DOWN),
         stop=stop,
-        # 0.2 s doubling to 5 s, plus up to 1 s of jitter (wait_exponential_jitter renamed its arguments in 9.x).
-        wait=tenacity.wait_exponential(multiplier=0.2, max=5.0) + tenacity.wait_random(0, 1),
+        wait=tenacity.wait_exponential_jitter(multiplier=0.2, max=5.0),
         before_sleep=on_retry,
         reraise=True,
     )

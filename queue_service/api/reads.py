@@ -54,8 +54,6 @@ class SettledResponse(Response):
         answer.raw_headers = [(k, v) for k, v in answer.raw_headers if k != b"content-length"]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        delivered = not await self.request.is_disconnected()
-
         async def send_all_but_the_end(message: Message) -> None:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 message = {**message, "more_body": True}
@@ -66,7 +64,8 @@ class SettledResponse(Response):
         except OSError:  # the connection broke under the answer (a server that says so): the items go back
             await self.settle(False)
             return
-        await self.settle(delivered and not await self.request.is_disconnected())
+        # Asked once, after the body: a client gone before it is still gone now (Starlette keeps the answer).
+        await self.settle(not await self.request.is_disconnected())
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

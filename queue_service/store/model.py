@@ -169,7 +169,7 @@ class Finished:
 
     sink_index: int
     waiting: int  # items of the service still waiting for a worker
-    last_index: int  # the last index given out in the input queue
+    last_index: int  # the last index given out in the input queue; 0 while any item waits
 
 
 @dataclass(frozen=True, slots=True)

@@ -547,6 +547,20 @@ async def test_finish_writes_the_result_to_the_sink_and_removes_the_input(
     assert_counts_true(client)
 
 
+async def test_a_finish_tells_what_waits_and_the_last_index_only_when_nothing_does(
+    store: QueueStore, worker: WorkerStore
+) -> None:
+    await put_many(store, 3)
+    first, second = worker.take(SERVICE, RULES, want=2).items
+
+    with_one_waiting = worker.finish(first, Outcome(b"one"))
+    worker.take(SERVICE, RULES)
+    with_none_waiting = worker.finish(second, Outcome(b"two"))
+
+    assert (with_one_waiting.waiting, with_one_waiting.last_index) == (1, 0)
+    assert (with_none_waiting.waiting, with_none_waiting.last_index) == (0, 3)
+
+
 async def test_a_failed_item_carries_its_status_as_last_code(
     store: QueueStore, worker: WorkerStore, client: redis.Redis
 ) -> None:

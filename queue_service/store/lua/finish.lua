@@ -10,7 +10,7 @@
 -- ARGV (webhooks and status): hooks ('' or the item's targets), inline (1|0: the result goes into the
 --       deliveries), put_ms, started_ms, deliveries, index, ending ('' or 'expired')
 -- The `completed` deliveries of an async request are enqueued in this same step: a crash cannot lose them.
--- Returns {sink index written (0: none), items still waiting, last input index}, so that a
+-- Returns {sink index written (0: none), items still waiting, last input index (0 while any waits)}, so that a
 -- worker that sees none waiting waits for new ones without another take; or -1 when another consumer holds
 -- the item now, -2 when it is gone (removed while held: cancelled, or finished by a worker that took it over).
 local consumer, id, held, mode, rid, data = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], ARGV[5], ARGV[6]
@@ -65,4 +65,8 @@ if mode ~= 'reply' and ARGV[16] ~= '' and (stored or mode == 'none') then
   end
   enqueue_hooks({stream = KEYS[9], requests = KEYS[10]}, ARGV[16], 'completed', rid, ARGV[8], facts)
 end
-return {out, num(redis.call('HGET', KEYS[3], 'waiting')), num(redis.call('GET', KEYS[8]))}
+-- The last index matters only to a worker that will wait for new items: read it only when none waits.
+local waiting = num(redis.call('HGET', KEYS[3], 'waiting'))
+local last = 0
+if waiting <= 0 then last = num(redis.call('GET', KEYS[8])) end
+return {out, waiting, last}

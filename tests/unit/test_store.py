@@ -18,7 +18,7 @@ from queue_service.embedded_redis import RedisServer
 from queue_service.store import consumer as consumer_module
 from queue_service.store import keys, scripts
 from queue_service.store import queues as queues_module
-from queue_service.store.consumer import TakeRules, WorkerStore
+from queue_service.store.consumer import Finish, TakeRules, WorkerStore
 from queue_service.store.keys import WORKER_GROUP, QueueKeys
 from queue_service.store.model import (
     CANCELLED,
@@ -26,6 +26,7 @@ from queue_service.store.model import (
     HELD,
     REPLY_TTL_MS,
     DataFrame,
+    Finished,
     Item,
     ItemGone,
     NoLiveWorker,
@@ -559,6 +560,22 @@ async def test_a_finish_tells_what_waits_and_the_last_index_only_when_nothing_do
 
     assert (with_one_waiting.waiting, with_one_waiting.last_index) == (1, 0)
     assert (with_none_waiting.waiting, with_none_waiting.last_index) == (0, 3)
+
+
+async def test_a_finish_can_take_the_next_item_in_its_round_trip(
+    store: QueueStore, worker: WorkerStore, client: redis.Redis
+) -> None:
+    await put_many(store, 2)
+    first = take_one(worker)
+
+    [finished], taken = worker.finish_then_take([Finish(first, Outcome(b"one"))], SERVICE, RULES)
+
+    assert isinstance(finished, Finished) and finished.waiting == 1  # counted before the take
+    assert [(item.index, item.deliveries) for item in taken.items] == [(2, 1)]
+    assert [r.data for r in await frames_in(store, SINK)] == [b"one"]
+    [finished], taken = worker.finish_then_take([Finish(taken.items[0], Outcome(b"two"))], SERVICE, RULES)
+    assert (finished.waiting, finished.last_index, taken.items, taken.last_index) == (0, 2, [], 2)
+    assert_counts_true(client)
 
 
 async def test_a_failed_item_carries_its_status_as_last_code(

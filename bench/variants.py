@@ -3,6 +3,9 @@
 EveryWriteWorker is QueueWorker with rq's bookkeeping as it was before the benchmark's first fix:
 every rq heartbeat and every worker-state write goes to Redis (three heartbeats' round trips and
 one state write more per item).
+
+TwoTripWorker is QueueWorker before a finish took the next item in its round trip: with a backlog,
+a finish and then a take, two round trips per item.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import Any
 
 from rq.worker import SimpleWorker
 
+from workers.plan import ServicePlan
+from workers.results import NextTake
 from workers.worker import REDIS_DOWN, QueueWorker
 
 
@@ -23,3 +28,8 @@ class EveryWriteWorker(QueueWorker):
     def set_state(self, *args: Any, **kwargs: Any) -> None:
         with contextlib.suppress(*REDIS_DOWN):
             SimpleWorker.set_state(self, *args, **kwargs)
+
+
+class TwoTripWorker(QueueWorker):
+    def _next_take_after(self, plan: ServicePlan) -> NextTake | None:
+        return None

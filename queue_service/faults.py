@@ -1,8 +1,9 @@
-"""Fault injection for failure tests: a named checkpoint kills this process when asked to.
+"""Fault injection for failure tests: a named checkpoint signals this process when asked to.
 
 `QS_FAULTS=put.stored` makes the API SIGKILL itself right after a put is stored and before it
 answers, so a test can kill it between the steps of a put deterministically instead of by
-timing luck. Unset in production: one environment lookup per checkpoint, cached.
+timing luck. `name=TERM` sends SIGTERM instead (a stop that lands exactly there). Unset in
+production: one environment lookup per checkpoint, cached.
 """
 
 from __future__ import annotations
@@ -13,10 +14,16 @@ from functools import cache
 
 
 @cache
-def _armed() -> frozenset[str]:
-    return frozenset(name.strip() for name in os.environ.get("QS_FAULTS", "").split(",") if name.strip())
+def _armed() -> dict[str, signal.Signals]:
+    armed = {}
+    for spec in os.environ.get("QS_FAULTS", "").split(","):
+        name, _, how = spec.strip().partition("=")
+        if name:
+            armed[name] = signal.SIGTERM if how.strip().upper() == "TERM" else signal.SIGKILL
+    return armed
 
 
 def checkpoint(name: str) -> None:
-    if name in _armed():
-        os.kill(os.getpid(), signal.SIGKILL)
+    sent = _armed().get(name)
+    if sent is not None:
+        os.kill(os.getpid(), sent)

@@ -19,8 +19,8 @@ from typing import Any
 import redis
 
 from queue_service.store import connection
-from queue_service.store.consumer import Finish, WorkerStore
-from queue_service.store.model import CANCELLED, HANDED_OVER, Finished, Item, ItemGone, Outcome, StoreError
+from queue_service.store.consumer import Finish, TakeRules, WorkerStore
+from queue_service.store.model import CANCELLED, HANDED_OVER, Finished, Item, ItemGone, Outcome, StoreError, Taken
 from queue_service.timings import TimingCounts
 from workers import streaming
 from workers.lease_keeper import SHUTDOWN, Held, LeaseKeeper
@@ -30,6 +30,16 @@ log = logging.getLogger("rq.worker")
 # How long finished items' results are retried while Redis is away, before giving them up to the lease.
 FINISH_RETRY_SECONDS = 300.0
 CANCELLED_MESSAGE = "cancelled: the item was deleted from the input queue while it ran"
+
+
+@dataclass(frozen=True, slots=True)
+class NextTake:
+    """A take to make in the same round trip as a finish (a worker with a backlog): see `Publisher.publish`."""
+
+    service: str
+    rules: TakeRules
+    want: int
+    claim: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,13 +66,14 @@ class Publisher:
         self.worker_name = worker_name
         self.on_finished = on_finished  # what a finish says of the service's queue (nothing waiting...)
 
-    def publish(self, done: Sequence[Done]) -> None:
-        """Write every item's end, then stop keeping their leases."""
+    def publish(self, done: Sequence[Done], then: NextTake | None = None) -> Taken | None:
+        """Write every item's end, then stop keeping their leases. With `then`, the next take rides in the
+        finish's round trip: what it took (None when no finish was written, and so no take made)."""
         streams = streaming.installed()
         try:
             if streams is not None:  # what they streamed goes before their results
                 streams.drain(d.held.item for d in done)
-            self._publish(done)
+            return self._publish(done, then)
         finally:
             self.keeper.drop(d.held for d in done)
             streaming.forget_all(d.held.item for d in done)
@@ -76,7 +87,7 @@ class Publisher:
             self.keeper.drop(helds)
             streaming.forget_all(h.item for h in helds)
 
-    def _publish(self, done: Sequence[Done]) -> None:
+    def _publish(self, done: Sequence[Done], then: NextTake | None = None) -> Taken | None:
         finishes: list[tuple[Done, Finish]] = []
         releases: list[Held] = []
         for d in done:
@@ -93,19 +104,30 @@ class Publisher:
         if releases:
             with contextlib.suppress(redis.RedisError):
                 self.store.release_many([h.item for h in releases])
-        gone = self._write(finishes)
+        gone, taken = self._write(finishes, then)
         # Removed while it ran, and finished before the keeper saw it: the request was cancelled.
         if gone:
             self._write([(d, self._cancelled(d)) for d in gone])
+        return taken
 
     def _cancelled(self, d: Done) -> Finish:
         return Finish(d.held.item, Outcome.failure(499, CANCELLED_MESSAGE), d.processing_seconds, held=False)
 
-    def _write(self, finishes: Sequence[tuple[Done, Finish]]) -> list[Done]:
-        """Write in one round trip; the items found gone while their lease was ours (to be told cancelled)."""
+    def _write(
+        self, finishes: Sequence[tuple[Done, Finish]], then: NextTake | None = None
+    ) -> tuple[list[Done], Taken | None]:
+        """Write in one round trip (with `then`'s take, if any); the items found gone while their lease was ours
+        (to be told cancelled), and what the take took."""
         if not finishes:
-            return []
-        answers = self._with_redis_retry(lambda: self.store.finish_many([f for _, f in finishes]))
+            return [], None
+        ends = [f for _, f in finishes]
+        taken: Taken | None = None
+        if then is None:
+            answers = self._with_redis_retry(lambda: self.store.finish_many(ends))
+        else:
+            answers, taken = self._with_redis_retry(
+                lambda: self.store.finish_then_take(ends, then.service, then.rules, want=then.want, claim=then.claim)
+            )
         gone: list[Done] = []
         ended: list[tuple[Item, Outcome]] = []  # written: their streams (if any) get their done entry
         for (d, finish), answer in zip(finishes, answers, strict=True):
@@ -127,7 +149,7 @@ class Publisher:
         streams = streaming.installed()
         if ended and streams is not None:
             streams.end(ended)
-        return gone
+        return gone, taken
 
     def _log(self, d: Done, outcome: Outcome | None, note: str) -> None:
         item = d.held.item

@@ -39,17 +39,18 @@ from rq.utils import now as rq_now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from queue_service.config import ConfigError, ServiceConfig, Settings, durability
+from queue_service.faults import checkpoint
 from queue_service.store import connection
 from queue_service.store.connection import REDIS_DOWN
 from queue_service.store.consumer import TakeRules, WorkerStore
 from queue_service.store.durability import refuse_on_a_cluster
-from queue_service.store.model import Finished, Item, Outcome
+from queue_service.store.model import Finished, Item, Outcome, Taken
 from queue_service.timings import TimingCounts
 from workers.inflight import InFlight
 from workers.lease_keeper import SHUTDOWN, Held, Interrupted, LeaseKeeper
 from workers.plan import ServicePlan, plan_service
 from workers.processor import ProcessorLoadError
-from workers.results import Done, Publisher
+from workers.results import Done, NextTake, Publisher
 from workers.runner import ProcessingTimeout, expired, given_up, run_batch, run_item
 from workers.streaming import StreamWriter, install
 from workers.watchdog import Watchdog
@@ -170,6 +171,10 @@ class QueueWorker(SimpleWorker):
         self._next_claim = dict.fromkeys(self._by_name, 0.0)
         # A service whose last finish saw nothing waiting: its last index, to wait after without a take.
         self._known_empty: dict[str, int] = {}
+        # A service whose last finish saw items waiting: the next finish takes the next item in its round trip.
+        self._backlog: dict[str, bool] = {}
+        # What that take took, for the next turn of rq's loop (held in Redis already: run, or released at a stop).
+        self._taken_ahead: tuple[str, Taken] | None = None
         self._last_item_at = 0.0
         self._sink_full_warned = 0.0
         self._skip_until: dict[str, float] = {}
@@ -235,6 +240,7 @@ class QueueWorker(SimpleWorker):
             self.inflight.stop_now()
         except Exception:
             self.log.exception("Worker %s: stopping the requests in flight", self.name)
+        self._release_taken_ahead()
         self.keeper.stopping.set()
         with contextlib.suppress(redis.RedisError):
             self.keeper.flush()
@@ -346,6 +352,7 @@ class QueueWorker(SimpleWorker):
         waited = False
         while True:
             if self._stop_requested:
+                self._release_taken_ahead()
                 raise StopRequested()
             self.heartbeat()  # throttled by heartbeat() itself
             items, last, full = self._take_next()
@@ -376,6 +383,12 @@ class QueueWorker(SimpleWorker):
         count = len(self.services)
         last: dict[str, int] = {}
         full = False
+        if self._taken_ahead is not None:
+            name, ahead = self._taken_ahead
+            self._taken_ahead = None
+            if ahead.items:
+                self._next_service = (self._next_service + 1) % count
+                return ahead.items, last, full
         for offset in range(count):
             plan = self.plans[self.services[(self._next_service + offset) % count].name]
             name = plan.name
@@ -388,10 +401,8 @@ class QueueWorker(SimpleWorker):
                 if want <= 0:
                     full = True
                     continue
-            claim = now >= self._next_claim[name]
-            if claim:
-                self._next_claim[name] = now + min(CLAIM_INTERVAL_SECONDS, plan.service.queue.lease_seconds / 4)
-            elif name in self._known_empty:
+            claim = self._claim_due(plan, now)
+            if not claim and name in self._known_empty:
                 # The last finish saw nothing waiting: wait after its last index (an item put since wakes us).
                 last[name] = self._known_empty.pop(name)
                 continue
@@ -412,6 +423,32 @@ class QueueWorker(SimpleWorker):
                 self._sink_full_warned = time.monotonic()
                 self.log.warning("Worker %s: sink of %s is full; not taking its input", self.name, name)
         return [], last, full
+
+    def _claim_due(self, plan: ServicePlan, now: float) -> bool:
+        """Whether this take also claims lapsed items (once per CLAIM_INTERVAL_SECONDS, at most a quarter lease)."""
+        if now < self._next_claim[plan.name]:
+            return False
+        self._next_claim[plan.name] = now + min(CLAIM_INTERVAL_SECONDS, plan.service.queue.lease_seconds / 4)
+        return True
+
+    def _next_take_after(self, plan: ServicePlan) -> NextTake | None:
+        """The take to send with this item's finish: only when the next take would be of the same service
+        anyway (round-robin order), the last finish saw a backlog, and nothing asks the worker to stop."""
+        if plan.mode != "one" or self._stop_requested or not self._backlog.get(plan.name):
+            return None
+        if self.services[self._next_service % len(self.services)].name != plan.name:
+            return None
+        now = time.monotonic()
+        if self._skip_until.get(plan.name, 0.0) > now or not plan.processor.healthy():
+            return None
+        return NextTake(plan.name, self._rules[plan.name], plan.want, self._claim_due(plan, now))
+
+    def _release_taken_ahead(self) -> None:
+        """Items taken with the last finish that will not run here (a stop): another worker takes them at once."""
+        ahead, self._taken_ahead = self._taken_ahead, None
+        if ahead is not None and ahead[1].items:
+            with contextlib.suppress(redis.RedisError):
+                self.store.release_many(ahead[1].items)
 
     def _job_for(self, items: list[Item], *, from_idle: bool) -> Job:
         # An in-memory job for rq's loop; never saved: the items live in their stream.
@@ -474,7 +511,12 @@ class QueueWorker(SimpleWorker):
                 return
             settled = True
             processing = time.monotonic() - started
-            self.publisher.publish([Done(h, o, processing) for h, o in zip(helds, outcomes, strict=True)])
+            done = [Done(h, o, processing) for h, o in zip(helds, outcomes, strict=True)]
+            taken = self.publisher.publish(done, then=self._next_take_after(plan))
+            if taken is not None:
+                self._taken_ahead = (plan.name, taken)
+                if taken.items:
+                    checkpoint("worker.taken_ahead")
         except BaseException:
             # Stopped mid-unit (cold shutdown): hand the items back so another worker takes them now.
             if not settled:
@@ -533,6 +575,7 @@ class QueueWorker(SimpleWorker):
     def _finished(self, service: str, finished: Finished) -> None:
         # From the main thread or the finisher thread: plain assignments, no read-modify-write.
         self._last_item_at = time.monotonic()
+        self._backlog[service] = finished.waiting > 0
         if finished.waiting <= 0:
             self._known_empty[service] = finished.last_index
 

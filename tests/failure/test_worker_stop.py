@@ -51,3 +51,24 @@ def test_sigterm_past_the_grace_period_hands_the_request_back_and_exits_0(stack:
     # Handed back, not left to lapse: the other worker took it at once, not after the 10 s lease.
     assert second.started - exited_at < LEASE_SECONDS / 2
     assert stack.audit() == {200: 1}
+
+
+def test_a_stop_right_after_a_finish_took_the_next_item_hands_that_item_back(stack: Stack) -> None:
+    # With a backlog the finish of one item takes the next in the same round trip; a SIGTERM landing just
+    # then (the checkpoint sends it) must not leave that item to wait out its 10 s lease.
+    stack.start_api()
+    tokens = [stack.put("work10", sleep=0.05).token for _ in range(6)]
+    worker = stack.start_worker("work10", env={"QS_FAULTS": "worker.taken_ahead=TERM"})
+    stack.excused.add(worker.pid)
+    assert worker.wait(60) == 0
+    exited_at = time.time()
+    ran = {token for token, runs in stack.runs().items() if any(r.pid == worker.pid for r in runs)}
+    assert 0 < len(ran) < len(tokens)  # it stopped with a backlog left
+    other = stack.start_worker("work10")
+    stack.wait_settled(30)
+    runs = stack.runs()
+    left = [token for token in tokens if token not in ran]
+    assert all([r.pid for r in runs[token]] == [other.pid] for token in left)
+    # Handed back at the stop, not left to lapse: each of them ran at once, none after the lease.
+    assert max(runs[token][0].started for token in left) - exited_at < LEASE_SECONDS / 2
+    assert stack.audit() == {200: len(tokens)}

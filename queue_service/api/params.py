@@ -53,10 +53,11 @@ _DIGITS = re.compile(r"[0-9]+")
 class Params:
     """Typed access to one request's query parameters."""
 
-    __slots__ = ("query",)
+    __slots__ = ("_item_tags", "query")
 
     def __init__(self, query: QueryParams, allowed: Iterable[str] = KNOWN_CONTROLS) -> None:
         self.query = query
+        self._item_tags: dict[str, str] | None = None
         allowed = allowed if isinstance(allowed, frozenset | set) else set(allowed)
         for name in query:
             if name.startswith("_") and name not in allowed:
@@ -127,12 +128,15 @@ class Params:
         return {k: v for k, v in self.query.items() if not k.startswith("_") and k not in SELECTORS}
 
     def item_tags(self) -> dict[str, str]:
-        """The tags of an item being put: the names the service writes itself are refused."""
-        tags = {k: v for k, v in self.query.items() if not k.startswith("_")}
-        forged = sorted(RESERVED_TAGS & tags.keys())
-        if forged:
-            raise ApiError(400, f"tag {forged[0]!r} is reserved: the service writes it on results")
-        return tags
+        """The tags of an item being put: the names the service writes itself are refused. Worked out once
+        (a put checks them before reading the body, then uses them)."""
+        if self._item_tags is None:
+            tags = {k: v for k, v in self.query.items() if not k.startswith("_")}
+            forged = sorted(RESERVED_TAGS & tags.keys())
+            if forged:
+                raise ApiError(400, f"tag {forged[0]!r} is reserved: the service writes it on results")
+            self._item_tags = tags
+        return self._item_tags
 
 
 def _priority_headers(headers: Mapping[str, str]) -> list[tuple[str | None, str]]:

@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from queue_service.store import keys
+from queue_service.store.keys import WORKER_GROUP
 from tests.failure.harness import Stack, wait_until
 
 pytestmark = pytest.mark.integration
@@ -61,14 +63,17 @@ def test_a_stop_right_after_a_finish_took_the_next_item_hands_that_item_back(sta
     worker = stack.start_worker("work10", env={"QS_FAULTS": "worker.taken_ahead=TERM"})
     stack.excused.add(worker.pid)
     assert worker.wait(60) == 0
-    exited_at = time.time()
     ran = {token for token, runs in stack.runs().items() if any(r.pid == worker.pid for r in runs)}
     assert 0 < len(ran) < len(tokens)  # it stopped with a backlog left
+    # Handed back, not left to lapse: what the stopped worker still holds is free to take at once.
+    stream = keys.input_queue("work10").normal
+    held = stack.store.xpending_range(stream, WORKER_GROUP, "-", "+", 10)
+    assert held and all(entry["time_since_delivered"] >= LEASE_SECONDS * 1000 for entry in held)
     other = stack.start_worker("work10")
+    ready_at = time.time()
     stack.wait_settled(30)
     runs = stack.runs()
     left = [token for token in tokens if token not in ran]
-    assert all([r.pid for r in runs[token]] == [other.pid] for token in left)
-    # Handed back at the stop, not left to lapse: each of them ran at once, none after the lease.
-    assert max(runs[token][0].started for token in left) - exited_at < LEASE_SECONDS / 2
+    assert all([r.pid for r in runs[token]] == [other.pid] for token in left)  # each ran once, there
+    assert max(runs[token][0].started for token in left) - ready_at < LEASE_SECONDS / 2
     assert stack.audit() == {200: len(tokens)}

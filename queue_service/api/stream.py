@@ -142,8 +142,8 @@ class Cursor:
         self.complete = False  # the last read from Redis reached the end: what the waiter keeps follows on
         self.more = False  # the last read from Redis stopped at a full page
 
-    async def read(self) -> list[StreamEntry]:
-        if self.complete:
+    async def read(self, *, from_redis: bool = False) -> list[StreamEntry]:
+        if self.complete and not from_redis:
             kept = self.waiter.take()
             if kept is not None:
                 entries = [e for e in (stream_entry(i, f) for i, f in kept) if _after(e.id, self.at)]
@@ -268,6 +268,17 @@ async def _sink_events(call: QueueCall, request_id: str, after: str) -> AsyncIte
             elif look_at_end:
                 found = await app.store.status(service, request_id)
                 if _finished(found) and not (found is None and cursor.at != "0-0"):
+                    if not streamed:
+                        # A worker writes what a request streamed before its result: whatever it streamed since
+                        # the read above (all of a fast request, on a loaded box) is in Redis now. Read it
+                        # there, not from the waiter, which may not have seen it yet.
+                        late = await cursor.read(from_redis=True)
+                        if late:
+                            yield encode_entries(late)
+                            streamed = True
+                            if late[-1].kind == "done":
+                                return
+                            continue
                     # A request that streamed gets its done entry a round trip after its result (unless its
                     # worker died right then): wait a moment for it before making one up.
                     if not streamed or (ended_at and time.monotonic() - ended_at > DONE_GRACE_SECONDS):

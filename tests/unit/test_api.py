@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -22,15 +23,17 @@ import redis.asyncio
 from fastapi import FastAPI
 
 from queue_service.api import create_app
+from queue_service.api import stream as stream_module
 from queue_service.config import ServicesFile, Settings, parse_services
 from queue_service.embedded_redis import free_port
 from queue_service.protocol import GID_HEADER, INDEX_HEADER, LAST_CODE_HEADER, REQUEST_ID_HEADER
-from queue_service.store import keys
+from queue_service.store import keys, scripts
 from queue_service.store.consumer import WorkerStore
 from queue_service.store.model import CANCELLED, Item, Outcome
 from queue_service.timings import TimingCounts
 from queue_service.wire import PROTOBUF_MEDIA_TYPE, AttributesProto, decode_frame_list
 from tests.support.counts import assert_counts_true
+from workers.streaming import done_body
 from workers.worker import take_rules
 
 TOKEN = "token-of-echo"
@@ -1142,3 +1145,55 @@ async def test_metrics_do_not_grow_a_label_per_unknown_service_name(client: http
     await client.post("/api/predict/no-such-service", content=b"x", headers=AUTH)
 
     assert "no-such-service" not in (await client.get("/metrics")).text
+
+
+# --- a stream reader racing a fast request ----------------------------------------------------------------
+# The reader reads the request's stream, then asks whether the request ended. On a loaded box a fast request
+# can stream everything and finish between those two looks (bench.streaming's burst met it in CI): the reader
+# must read the stream again, not answer the result as if the request had streamed nothing.
+
+STREAM_TTL_MS = 60_000
+
+
+def _sse_events(body: str) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    for block in body.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "event" in fields:
+            events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+async def test_a_request_that_streams_and_ends_between_the_readers_two_looks_loses_no_chunk(
+    client: httpx.AsyncClient, worker: WorkerStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    request_id = (await put(client, b"x")).headers[REQUEST_ID_HEADER]
+    original_read = stream_module.Cursor.read
+    ran: list[bool] = []
+
+    async def read_then_the_request_runs(self: stream_module.Cursor, **kwargs: Any) -> list[Any]:
+        entries = await original_read(self, **kwargs)
+        if not ran and not entries:  # the reader's first look found nothing: now the whole request runs
+            ran.append(True)
+            item = take(worker)
+            chunks = [("c", "t", "a"), ("c", "t", "b")]
+            worker.write_streams(
+                [scripts.chunks_append("echo", request_id, delivery=1, entries=chunks, ttl_ms=STREAM_TTL_MS)]
+            )
+            worker.finish(item, Outcome(b"ab"))
+            done = json.dumps(done_body(Outcome(b"ab")))
+            end = scripts.chunks_end(
+                "echo", request_id, delivery=1, done_json=done, ttl_ms=STREAM_TTL_MS, if_exists=True
+            )
+            worker.write_streams([end])
+        return entries
+
+    monkeypatch.setattr(stream_module.Cursor, "read", read_then_the_request_runs)
+
+    answer = await client.get(f"{ECHO}/sink", params={"requestId": request_id, "_stream_": "true"}, headers=AUTH)
+
+    assert answer.status_code == 200, answer.text
+    events = _sse_events(answer.text)
+    assert ran
+    assert [data["text"] for kind, data in events if kind == "chunk"] == ["a", "b"]  # not the result as one chunk
+    assert [data["statusCode"] for kind, data in events if kind == "done"] == [200]

@@ -34,6 +34,7 @@ import redis
 from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.queue import Queue
+from rq.suspension import is_suspended
 from rq.timeouts import UnixSignalDeathPenalty
 from rq.utils import now as rq_now
 from rq.worker import SimpleWorker, WorkerStatus
@@ -173,8 +174,9 @@ class QueueWorker(SimpleWorker):
         self._known_empty: dict[str, int] = {}
         # A service whose last finish saw items waiting: the next finish takes the next item in its round trip.
         self._backlog: dict[str, bool] = {}
-        # What that take took, for the next turn of rq's loop (held in Redis already: run, or released at a stop).
-        self._taken_ahead: tuple[str, Taken] | None = None
+        # What that take took, for the next turn of rq's loop (held in Redis already: run, or released at a stop
+        # or a suspension).
+        self._taken_ahead: Taken | None = None
         self._unit_job: Job | None = None
         self._last_item_at = 0.0
         self._sink_full_warned = 0.0
@@ -320,6 +322,8 @@ class QueueWorker(SimpleWorker):
             return
         self._last_suspension_check = time.monotonic()
         with contextlib.suppress(*REDIS_DOWN):
+            if self._taken_ahead is not None and is_suspended(self.connection, self):
+                self._release_taken_ahead()  # not renewed while the worker waits out `rq suspend`
             super().check_for_suspension(burst)
 
     def run_maintenance_tasks(self) -> None:
@@ -385,8 +389,7 @@ class QueueWorker(SimpleWorker):
         last: dict[str, int] = {}
         full = False
         if self._taken_ahead is not None:
-            name, ahead = self._taken_ahead
-            self._taken_ahead = None
+            ahead, self._taken_ahead = self._taken_ahead, None
             if ahead.items:
                 self._next_service = (self._next_service + 1) % count
                 return ahead.items, last, full
@@ -447,9 +450,9 @@ class QueueWorker(SimpleWorker):
     def _release_taken_ahead(self) -> None:
         """Items taken with the last finish that will not run here (a stop): another worker takes them at once."""
         ahead, self._taken_ahead = self._taken_ahead, None
-        if ahead is not None and ahead[1].items:
+        if ahead is not None and ahead.items:
             with contextlib.suppress(redis.RedisError):
-                self.store.release_many(ahead[1].items)
+                self.store.release_many(ahead.items)
 
     def _job_for(self, items: list[Item], *, from_idle: bool) -> Job:
         # An in-memory job for rq's loop, which only hands it to execute_job; never saved: the items live in
@@ -518,7 +521,7 @@ class QueueWorker(SimpleWorker):
             done = [Done(h, o, processing) for h, o in zip(helds, outcomes, strict=True)]
             taken = self.publisher.publish(done, then=self._next_take_after(plan))
             if taken is not None:
-                self._taken_ahead = (plan.name, taken)
+                self._taken_ahead = taken
                 if taken.items:
                     checkpoint("worker.taken_ahead")
         except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from rq.suspension import resume, suspend
 
 from queue_service.store import keys
 from queue_service.store.keys import WORKER_GROUP
@@ -76,4 +77,25 @@ def test_a_stop_right_after_a_finish_took_the_next_item_hands_that_item_back(sta
     left = [token for token in tokens if token not in ran]
     assert all([r.pid for r in runs[token]] == [other.pid] for token in left)  # each ran once, there
     assert max(runs[token][0].started for token in left) - ready_at < LEASE_SECONDS / 2
+    assert stack.audit() == {200: len(tokens)}
+
+
+def test_a_suspended_worker_gives_back_the_item_its_last_finish_took(stack: Stack) -> None:
+    # `rq suspend` stops a worker between items; the item its last finish took must not wait out its lease.
+    stack.start_api()
+    tokens = [stack.put("work10", sleep=0.3).token for _ in range(12)]  # a backlog: each finish takes the next
+    worker = stack.start_worker("work10")
+    wait_until(lambda: len(stack.runs()) >= 2, 30, "two requests ran")
+    suspend(stack.store)
+    try:
+        state = f"rq:worker:{worker.name}"
+        wait_until(lambda: stack.store.hget(state, "state") == b"suspended", 30, "the worker suspended")
+        stream = keys.input_queue("work10").normal
+        held = stack.store.xpending_range(stream, WORKER_GROUP, "-", "+", 20)
+        assert all(entry["time_since_delivered"] >= LEASE_SECONDS * 1000 for entry in held), held
+    finally:
+        resume(stack.store)
+    stack.wait_settled(60)
+    runs = stack.runs()
+    assert all(len(runs[token]) == 1 for token in tokens)  # none ran twice
     assert stack.audit() == {200: len(tokens)}

@@ -371,6 +371,8 @@ class QueueWorker(SimpleWorker):
                 self._write_idle()
             self._wait(last, full)
             waited = True
+            # rq looks at `rq suspend` between jobs only: an idle worker would take new work while suspended.
+            self.check_for_suspension(False)
 
     def _wait(self, last: dict[str, int], full: bool) -> None:
         """Until new work may be there: an item put after `last`, or (`full`) a slot that frees."""

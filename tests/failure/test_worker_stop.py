@@ -99,3 +99,20 @@ def test_a_suspended_worker_gives_back_the_item_its_last_finish_took(stack: Stac
     runs = stack.runs()
     assert all(len(runs[token]) == 1 for token in tokens)  # none ran twice
     assert stack.audit() == {200: len(tokens)}
+
+
+def test_an_idle_worker_suspended_takes_nothing_until_resumed(stack: Stack) -> None:
+    stack.start_api()
+    worker = stack.start_worker("work10")
+    suspend(stack.store)
+    try:
+        state = f"rq:worker:{worker.name}"
+        wait_until(lambda: stack.store.hget(state, "state") == b"suspended", 30, "the idle worker suspended")
+        token = stack.put("work10", sleep=0.05).token
+        time.sleep(3)
+        assert token not in stack.runs()  # suspended: it took nothing
+    finally:
+        resume(stack.store)
+    stack.wait_settled(30)
+    assert [run.pid for run in stack.runs()[token]] == [worker.pid]
+    assert stack.audit() == {200: 1}

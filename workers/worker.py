@@ -45,7 +45,7 @@ from queue_service.store import connection
 from queue_service.store.connection import REDIS_DOWN
 from queue_service.store.consumer import TakeRules, WorkerStore
 from queue_service.store.durability import refuse_on_a_cluster
-from queue_service.store.model import Finished, Item, Outcome, Taken
+from queue_service.store.model import Finished, Item, Outcome
 from queue_service.timings import TimingCounts
 from workers.inflight import InFlight
 from workers.lease_keeper import SHUTDOWN, Held, Interrupted, LeaseKeeper
@@ -174,9 +174,9 @@ class QueueWorker(SimpleWorker):
         self._known_empty: dict[str, int] = {}
         # A service whose last finish saw items waiting: the next finish takes the next item in its round trip.
         self._backlog: dict[str, bool] = {}
-        # What that take took, for the next turn of rq's loop (held in Redis already: run, or released at a stop
-        # or a suspension).
-        self._taken_ahead: Taken | None = None
+        # The items that take took, for the next turn of rq's loop (held in Redis already: run, or released at a
+        # stop or a suspension). None when it took nothing.
+        self._taken_ahead: list[Item] | None = None
         self._unit_job: Job | None = None
         self._last_item_at = 0.0
         self._sink_full_warned = 0.0
@@ -392,9 +392,8 @@ class QueueWorker(SimpleWorker):
         full = False
         if self._taken_ahead is not None:
             ahead, self._taken_ahead = self._taken_ahead, None
-            if ahead.items:
-                self._next_service = (self._next_service + 1) % count
-                return ahead.items, last, full
+            self._next_service = (self._next_service + 1) % count
+            return ahead, last, full
         for offset in range(count):
             plan = self.plans[self.services[(self._next_service + offset) % count].name]
             name = plan.name
@@ -452,9 +451,9 @@ class QueueWorker(SimpleWorker):
     def _release_taken_ahead(self) -> None:
         """Items taken with the last finish that will not run here (a stop): another worker takes them at once."""
         ahead, self._taken_ahead = self._taken_ahead, None
-        if ahead is not None and ahead.items:
+        if ahead is not None:
             with contextlib.suppress(redis.RedisError):
-                self.store.release_many(ahead.items)
+                self.store.release_many(ahead)
 
     def _job_for(self, items: list[Item], *, from_idle: bool) -> Job:
         # An in-memory job for rq's loop, which only hands it to execute_job; never saved: the items live in
@@ -522,10 +521,9 @@ class QueueWorker(SimpleWorker):
             processing = time.monotonic() - started
             done = [Done(h, o, processing) for h, o in zip(helds, outcomes, strict=True)]
             taken = self.publisher.publish(done, then=self._next_take_after(plan))
-            if taken is not None:
-                self._taken_ahead = taken
-                if taken.items:
-                    checkpoint("worker.taken_ahead")
+            if taken is not None and taken.items:
+                self._taken_ahead = taken.items
+                checkpoint("worker.taken_ahead")
         except BaseException:
             # Stopped mid-unit (cold shutdown): hand the items back so another worker takes them now.
             if not settled:

@@ -3,8 +3,9 @@
     python -m bench.ab [--a bench.variants.EveryWriteWorker] [--b workers.worker.QueueWorker] [--rounds 3]
 
 Each round runs one worker of class A, then one of class B (one at a time, service `echo`), and
-measures: results/s end to end (put N, watch the sink), sync latency with one client, and Redis
-commands / round trips / CPU per request for both. Prints the medians over the rounds and B / A.
+measures: results/s end to end (put N, watch the sink; no-op items, then items of 10 ms), sync latency
+with one client, and Redis commands / round trips / CPU per request for both. Prints the medians over
+the rounds and B / A.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ from pathlib import Path
 
 from bench import redis_cost
 from bench.load import Http
-from bench.run import PAYLOAD, PLANS, Bench, fmt, pct
+from bench.run import PAYLOAD, PLANS, SLEEP_PAYLOAD, Bench, fmt, pct
 from queue_service.testing import stop_all, wait_listening
 
 
-def measure(bench: Bench, results: int, sync: int) -> dict[str, float]:
+def measure(bench: Bench, results: int, sync: int, short: int) -> dict[str, float]:
     bench._ours_results(100)  # warm up
     before = redis_cost.snapshot(bench.redis)
     rate = bench._ours_results(results)
     batch = redis_cost.delta(before, redis_cost.snapshot(bench.redis), bench.idle).per(results)
+    short_rate = bench._ours_results(short, payload=SLEEP_PAYLOAD)
     http = Http(bench.api_url)
     latencies = []
     try:
@@ -42,6 +44,7 @@ def measure(bench: Bench, results: int, sync: int) -> dict[str, float]:
         http.close()
     return {
         "results/s, 1 worker": rate,
+        "results/s, 1 worker, 10 ms items (ceiling 100)": short_rate,
         "async batch: round trips/request": batch["round_trips"],
         "async batch: commands/request": batch["commands"],
         "async batch: Redis CPU µs/request": batch["redis_cpu_us"],
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--results", type=int, default=2000, help="items per results/s measurement")
     parser.add_argument("--sync", type=int, default=500, help="sync requests per latency measurement")
+    parser.add_argument("--short", type=int, default=300, help="10 ms items per results/s measurement")
     args = parser.parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="qs-bench-ab-"))
     bench = Bench(dataclasses.replace(PLANS["quick"], result_workers=(1,)), log_dir)
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 worker = bench.spawn_ours(name, "echo", worker_class)
                 try:
                     wait_listening(worker, bench.url, live_in=["echo"])
-                    found[worker_class].append(measure(bench, args.results, args.sync))
+                    found[worker_class].append(measure(bench, args.results, args.sync, args.short))
                 finally:
                     stop_all([worker])
                 print(f"round {round_ + 1}: {worker_class} done", flush=True)

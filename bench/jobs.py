@@ -16,6 +16,19 @@ def stamp() -> float:
     return time.time()
 
 
+class EchoOrSleep:
+    """Our echo service's processor: echoes the body; a body starting with "s" gets 10 ms of blocking work
+    first (`bench.ab`'s short-items row, like the peers harness's W2-sleep)."""
+
+    def initialize(self) -> None:
+        """Nothing to load."""
+
+    def process(self, data: bytes) -> bytes:
+        if data[:1] == b"s":
+            time.sleep(0.01)
+        return data
+
+
 class Stamp:
     """Our processor for result delivery: the body is the wall-clock time at which `process` returns."""
 

@@ -51,6 +51,7 @@ from queue_service.wire import decode_frame
 from workers.examples import Echo
 
 PAYLOAD = b"x" * 16
+SLEEP_PAYLOAD = b"s" * 16  # bench.jobs:EchoOrSleep: 10 ms of blocking work, then the echo
 RQ_QUEUE = "bench"
 RQ_IDLE_QUEUE = "bench-idle"  # enqueue rate, with no worker draining it
 GID_HEADER = "X-EAS-QueueService-Redis-Gid"
@@ -60,7 +61,7 @@ BIG = 1_000_000
 SERVICES = [
     {
         "name": "echo",
-        "processor": "workers.examples:Echo",
+        "processor": "bench.jobs:EchoOrSleep",  # echoes (PAYLOAD); SLEEP_PAYLOAD sleeps 10 ms first
         "metadata": {"rpc": {"keepalive": 30_000, "max_queue_size": BIG}},
         "queue": {"sink": {"max_length": BIG}},
     },
@@ -326,7 +327,7 @@ class Bench:
         )
         return (ours_cost, plain_cost) if cost else None
 
-    def _ours_results(self, n: int, note: str = "") -> float:
+    def _ours_results(self, n: int, note: str = "", payload: bytes = PAYLOAD) -> float:
         put_url = f"{self.api_url}/api/predict/echo"
         watch_url = (
             self.api_url.replace("http://", "ws://")
@@ -339,7 +340,7 @@ class Bench:
                 started = time.perf_counter()
                 puts = asyncio.create_task(
                     hammer(
-                        put_url, body=PAYLOAD, connections=self.plan.load_connections, max_requests=n, max_seconds=bound
+                        put_url, body=payload, connections=self.plan.load_connections, max_requests=n, max_seconds=bound
                     )
                 )
                 for _ in range(n):

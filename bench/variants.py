@@ -6,6 +6,9 @@ one state write more per item).
 
 TwoTripWorker is QueueWorker before a finish took the next item in its round trip: with a backlog,
 a finish and then a take, two round trips per item.
+
+OneAtATimeWorker is QueueWorker without prefetch (QS_WORKER_PREFETCH=false): one item held at a time, each
+result written before the next item runs (the finish still takes the next item in its round trip).
 """
 
 from __future__ import annotations
@@ -33,3 +36,9 @@ class EveryWriteWorker(QueueWorker):
 class TwoTripWorker(QueueWorker):
     def _next_take_after(self, plan: ServicePlan) -> NextTake | None:
         return None
+
+
+class OneAtATimeWorker(QueueWorker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._prefetch = False

@@ -326,6 +326,9 @@ class Settings(BaseSettings):
     # after a quiet spell at once), or as soon as this many are waiting: one round trip for many tokens.
     stream_flush_ms: Annotated[float, Field(ge=0, le=1000)] = 5.0
     stream_flush_chunks: Annotated[int, Field(gt=0)] = 256
+    # Workers: a one-at-a-time worker with a backlog of short items keeps one item in reserve and writes each
+    # result while the next item runs (no round trip between two items); false: one item held at a time.
+    worker_prefetch: bool = True
     # API: an SSE stream with nothing to send sends a keep-alive comment this often.
     stream_keepalive_seconds: Annotated[float, Field(gt=0)] = 10.0
     # API: the Bearer token of /dashboard. Empty: the dashboard is served to loopback clients only.

@@ -37,6 +37,10 @@ HEARTBEAT_INTERVAL_SECONDS = 1.0
 # (in one worker of the service at a time).
 TIMINGS_FLUSH_SECONDS = 2.0
 MAINTENANCE_SECONDS = 60.0
+# An item taken ahead (the reserve of a busy worker, see QueueWorker) waits at most this long, or a quarter of
+# its lease, behind the item in hand before it is handed back: an item that turns out long does not keep the
+# next one from a worker that is free.
+RESERVE_MAX_WAIT_SECONDS = 1.0
 SHUTDOWN = "shutdown"
 
 log = logging.getLogger("rq.worker")
@@ -109,6 +113,7 @@ class LeaseKeeper(threading.Thread):
         self._main_thread = threading.main_thread().ident
         self._published: set[str] = set()  # services whose `running` field this worker wrote last tick
         self._last_renew = dict.fromkeys(self.names, 0.0)
+        self._reserve: list[tuple[Item, float]] = []  # items taken ahead, not running yet: (item, hand back at)
 
     def install_interrupt_handler(self) -> None:
         signal.signal(signal.SIGUSR1, self._on_interrupt)
@@ -137,6 +142,41 @@ class LeaseKeeper(threading.Thread):
                 self._held.pop(key, None)
             self._main = [held for held in self._main if id(held) not in gone]
 
+    def unmain(self, helds: Iterable[Held]) -> None:
+        """Still ours to renew (their finish is being written), but no longer the main thread's unit: the next
+        unit's interrupts do not wait on them."""
+        gone = {id(held) for held in helds}
+        with self._lock:
+            self._main = [held for held in self._main if id(held) not in gone]
+
+    # --- the reserve: items taken ahead of the one in hand ---------------------------------------
+
+    def reserve(self, items: Iterable[Item]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._reserve += [
+                (item, now + min(RESERVE_MAX_WAIT_SECONDS, self._lease_of[item.service] / 4)) for item in items
+            ]
+
+    def take_reserved(self) -> Item | None:
+        """The next item taken ahead, now the caller's to run (None: there is none)."""
+        with self._lock:
+            return self._reserve.pop(0)[0] if self._reserve else None
+
+    def has_reserved(self) -> bool:
+        with self._lock:
+            return bool(self._reserve)
+
+    def give_back_reserved(self, *, due_only: bool = False) -> None:
+        """Release items taken ahead (all of them, or those that waited their longest): another worker takes
+        them at once."""
+        now = time.monotonic()
+        with self._lock:
+            back = [item for item, until in self._reserve if not due_only or until <= now]
+            self._reserve = [(item, until) for item, until in self._reserve if due_only and until > now]
+        if back:
+            self.store.release_many(back)
+
     def held(self) -> list[Held]:
         with self._lock:
             return list(self._held.values())
@@ -161,6 +201,7 @@ class LeaseKeeper(threading.Thread):
                     last_maintenance = now
                     for name in self.names:
                         self.store.maintain(name, MAINTENANCE_SECONDS * 0.9)
+                self.give_back_reserved(due_only=True)
                 if self._grace_over():
                     for held in self.held():
                         if held.reason is None:

@@ -59,12 +59,14 @@ class Publisher:
         timings: TimingCounts,
         worker_name: str,
         on_finished: Callable[[str, Finished], None] = lambda service, finished: None,
+        give_up: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
         self.keeper = keeper
         self.timings = timings
         self.worker_name = worker_name
         self.on_finished = on_finished  # what a finish says of the service's queue (nothing waiting...)
+        self.give_up = give_up  # a cold stop: results not written yet are left to their leases
 
     def publish(self, done: Sequence[Done], then: NextTake | None = None) -> Taken | None:
         """Write every item's end, then stop keeping their leases. With `then`, the next take rides in the
@@ -176,4 +178,4 @@ class Publisher:
                 state.outcome.exception(),
             )
 
-        return connection.riding_outages(call, FINISH_RETRY_SECONDS, log_outage)
+        return connection.riding_outages(call, FINISH_RETRY_SECONDS, log_outage, give_up=self.give_up)

@@ -24,10 +24,12 @@ ignore the signal until it is killed. A processor that cannot load is one line o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import redis
@@ -45,7 +47,7 @@ from queue_service.store import connection
 from queue_service.store.connection import REDIS_DOWN
 from queue_service.store.consumer import TakeRules, WorkerStore
 from queue_service.store.durability import refuse_on_a_cluster
-from queue_service.store.model import Finished, Item, Outcome
+from queue_service.store.model import Finished, Item, Outcome, Taken
 from queue_service.timings import TimingCounts
 from workers.inflight import InFlight
 from workers.lease_keeper import SHUTDOWN, Held, Interrupted, LeaseKeeper
@@ -76,6 +78,13 @@ SUSPENSION_CHECK_SECONDS = 1.0
 IDLE_STATE_AFTER_SECONDS = 1.0
 # On a cluster, how soon the command channel is subscribed again once its node is gone.
 PUBSUB_RESUBSCRIBE_SECONDS = 1.0
+# A one-at-a-time worker keeps one item in reserve and writes results behind the next item's run only when
+# its last item ran between these (below, the handoff to the finisher thread costs more than the round trip
+# it hides: no-op items went 0.78x in `bench.ab`; above, the round trip is noise beside the run) and at least
+# this many items waited at its last finish (one to run, one left for the other workers).
+PREFETCH_MIN_RUN_SECONDS = 0.001
+PREFETCH_MAX_RUN_SECONDS = 0.5
+PREFETCH_MIN_WAITING = 2
 
 
 class StartupStopped(BaseException):
@@ -160,7 +169,9 @@ class QueueWorker(SimpleWorker):
             live=lambda name: self.processors[name].healthy(),
         )
         self.watchdog = Watchdog()
-        self.publisher = Publisher(self.store, self.keeper, self.timings, self.name, self._finished)
+        self.publisher = Publisher(
+            self.store, self.keeper, self.timings, self.name, self._finished, give_up=lambda: self._cold_stop
+        )
         self.inflight = InFlight(
             self.keeper,
             self.publisher,
@@ -172,11 +183,15 @@ class QueueWorker(SimpleWorker):
         self._next_claim = dict.fromkeys(self._by_name, 0.0)
         # A service whose last finish saw nothing waiting: its last index, to wait after without a take.
         self._known_empty: dict[str, int] = {}
-        # A service whose last finish saw items waiting: the next finish takes the next item in its round trip.
-        self._backlog: dict[str, bool] = {}
-        # The items that take took, for the next turn of rq's loop (held in Redis already: run, or released at a
-        # stop or a suspension). None when it took nothing.
-        self._taken_ahead: list[Item] | None = None
+        # Items waiting at a service's last finish: with a backlog, the next finish takes the next item in its
+        # round trip. What a finish takes goes to the keeper's reserve (held in Redis already: run next, or
+        # released at a stop, a suspension, or when it waited too long behind a long item).
+        self._waiting: dict[str, int] = {}
+        # Prefetch (QS_WORKER_PREFETCH): with a reserve, a result is written by the finisher thread while the
+        # next item runs; `_behind` is that write, at most one at a time.
+        self._prefetch = settings.worker_prefetch
+        self._finisher: ThreadPoolExecutor | None = None
+        self._behind: Future[None] | None = None
         self._unit_job: Job | None = None
         self._last_item_at = 0.0
         self._sink_full_warned = 0.0
@@ -243,7 +258,12 @@ class QueueWorker(SimpleWorker):
             self.inflight.stop_now()
         except Exception:
             self.log.exception("Worker %s: stopping the requests in flight", self.name)
-        self._release_taken_ahead()
+        try:
+            self._release_taken_ahead()  # a result still being written behind is waited for first
+        except Exception:
+            self.log.exception("Worker %s: writing the last result", self.name)
+        if self._finisher is not None:
+            self._finisher.shutdown(wait=False)
         self.keeper.stopping.set()
         with contextlib.suppress(redis.RedisError):
             self.keeper.flush()
@@ -322,7 +342,7 @@ class QueueWorker(SimpleWorker):
             return
         self._last_suspension_check = time.monotonic()
         with contextlib.suppress(*REDIS_DOWN):
-            if self._taken_ahead is not None and is_suspended(self.connection, self):
+            if (self._behind is not None or self.keeper.has_reserved()) and is_suspended(self.connection, self):
                 self._release_taken_ahead()  # not renewed while the worker waits out `rq suspend`
             super().check_for_suspension(burst)
 
@@ -390,10 +410,10 @@ class QueueWorker(SimpleWorker):
         count = len(self.services)
         last: dict[str, int] = {}
         full = False
-        if self._taken_ahead is not None:
-            ahead, self._taken_ahead = self._taken_ahead, None
+        ahead = self._next_reserved()
+        if ahead is not None:
             self._next_service = (self._next_service + 1) % count
-            return ahead, last, full
+            return [ahead], last, full
         for offset in range(count):
             plan = self.plans[self.services[(self._next_service + offset) % count].name]
             name = plan.name
@@ -439,7 +459,7 @@ class QueueWorker(SimpleWorker):
     def _next_take_after(self, plan: ServicePlan) -> NextTake | None:
         """The take to send with this item's finish: only when the next take would be of the same service
         anyway (round-robin order), the last finish saw a backlog, and nothing asks the worker to stop."""
-        if plan.mode != "one" or self._stop_requested or not self._backlog.get(plan.name):
+        if plan.mode != "one" or self._stop_requested or self._waiting.get(plan.name, 0) <= 0:
             return None
         if self.services[self._next_service % len(self.services)].name != plan.name:
             return None
@@ -448,12 +468,27 @@ class QueueWorker(SimpleWorker):
             return None
         return NextTake(plan.name, self._rules[plan.name], plan.want, self._claim_due(plan, now))
 
+    def _next_reserved(self) -> Item | None:
+        """The next item taken ahead, once the result written behind (which takes it) is in."""
+        item = self.keeper.take_reserved()
+        if item is None and self._behind is not None:
+            self._collect_behind()
+            item = self.keeper.take_reserved()
+        return item
+
+    def _collect_behind(self) -> None:
+        """Wait for the result being written behind the item in hand (a failure to write it surfaces here)."""
+        behind, self._behind = self._behind, None
+        if behind is not None:
+            behind.result()
+
     def _release_taken_ahead(self) -> None:
-        """Items taken with the last finish that will not run here (a stop): another worker takes them at once."""
-        ahead, self._taken_ahead = self._taken_ahead, None
-        if ahead is not None:
+        """Items taken ahead that will not run here (a stop, a suspension): another worker takes them at once."""
+        try:
+            self._collect_behind()
+        finally:
             with contextlib.suppress(redis.RedisError):
-                self.store.release_many(ahead)
+                self.keeper.give_back_reserved()
 
     def _job_for(self, items: list[Item], *, from_idle: bool) -> Job:
         # An in-memory job for rq's loop, which only hands it to execute_job; never saved: the items live in
@@ -512,6 +547,7 @@ class QueueWorker(SimpleWorker):
                 outcomes = self._run_with_limit(plan, [held.item for held in helds])
             except Interrupted as exc:
                 settled = True
+                self._collect_behind()
                 self.publisher.publish([Done(held, None, time.monotonic() - started) for held in helds])
                 if exc.reason == SHUTDOWN:
                     self.log.warning("Worker %s: grace period over; %d item(s) handed back", self.name, len(helds))
@@ -520,15 +556,46 @@ class QueueWorker(SimpleWorker):
             settled = True
             processing = time.monotonic() - started
             done = [Done(h, o, processing) for h, o in zip(helds, outcomes, strict=True)]
-            taken = self.publisher.publish(done, then=self._next_take_after(plan))
-            if taken is not None and taken.items:
-                self._taken_ahead = taken.items
-                checkpoint("worker.taken_ahead")
+            self._publish_then_take(plan, done, processing)
         except BaseException:
             # Stopped mid-unit (cold shutdown): hand the items back so another worker takes them now.
             if not settled:
                 self.publisher.release(helds)
             raise
+
+    def _publish_then_take(self, plan: ServicePlan, done: list[Done], processing: float) -> None:
+        """Write the unit's results. With a backlog the next take rides in the same round trip; and for short
+        items (prefetch) a worker keeps one item in reserve, so that the write goes on in the finisher thread
+        while the reserved item runs: the round trip leaves the path from one item to the next."""
+        self._collect_behind()
+        then = self._next_take_after(plan)
+        if then is not None and self._prefetching(plan, processing):
+            if self.keeper.has_reserved():
+                self.keeper.unmain(d.held for d in done)
+                if self._finisher is None:
+                    self._finisher = ThreadPoolExecutor(1, thread_name_prefix="finisher")
+                self._behind = self._finisher.submit(self._publish_behind, done, then)
+                return
+            then = dataclasses.replace(then, want=2)  # one to run next, one in reserve
+        elif self.keeper.has_reserved():
+            then = None  # the reserve runs next; no more taken ahead
+        self._reserve(self.publisher.publish(done, then=then))
+
+    def _publish_behind(self, done: list[Done], then: NextTake) -> None:
+        checkpoint("worker.finish_behind")
+        self._reserve(self.publisher.publish(done, then=then))
+
+    def _reserve(self, taken: Taken | None) -> None:
+        if taken is not None and taken.items:
+            self.keeper.reserve(taken.items)
+            checkpoint("worker.taken_ahead")
+
+    def _prefetching(self, plan: ServicePlan, processing: float) -> bool:
+        return (
+            self._prefetch
+            and PREFETCH_MIN_RUN_SECONDS <= processing < PREFETCH_MAX_RUN_SECONDS
+            and self._waiting.get(plan.name, 0) >= PREFETCH_MIN_WAITING
+        )
 
     def _fill_batch(self, plan: ServicePlan, helds: list[Held]) -> list[Held]:
         """A busy worker's batch that is not full waits for more, up to max_batch_timeout from its first item:
@@ -582,7 +649,7 @@ class QueueWorker(SimpleWorker):
     def _finished(self, service: str, finished: Finished) -> None:
         # From the main thread or the finisher thread: plain assignments, no read-modify-write.
         self._last_item_at = time.monotonic()
-        self._backlog[service] = finished.waiting > 0
+        self._waiting[service] = finished.waiting
         if finished.waiting <= 0:
             self._known_empty[service] = finished.last_index
 

@@ -1,0 +1,108 @@
+"""A busy worker's reserve (prefetch): with a backlog of short items it holds the next item while one runs and
+writes each result in the background. What a user checks: every item runs once and in order, a worker holds
+at most one item ahead, an item that turns out long does not keep the next one from a free worker, and a
+stop in the middle hands everything back at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from queue_service.store import keys
+from queue_service.store.keys import WORKER_GROUP
+from tests.failure.harness import Stack, wait_until
+
+pytestmark = pytest.mark.integration
+
+LEASE_SECONDS = 10  # of `work10`: an item left to lapse would wait this long for another worker
+
+
+class PendingSampler(threading.Thread):
+    """The most items the worker group held at once, sampled from Redis while the backlog runs."""
+
+    def __init__(self, stack: Stack, service: str) -> None:
+        super().__init__(daemon=True)
+        self.store = stack.store
+        self.stream = keys.input_queue(service).normal
+        self.most = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                summary = self.store.xpending(self.stream, WORKER_GROUP)
+            except redis.ResponseError:  # no group before the first worker made it
+                pass
+            else:
+                self.most = max(self.most, int(summary["pending"]))
+            time.sleep(0.002)
+
+
+@pytest.mark.parametrize("prefetch", ["true", "false"])
+def test_a_backlog_of_short_items_runs_once_each_in_order_with_at_most_one_item_held_ahead(
+    stack: Stack, prefetch: str
+) -> None:
+    stack.start_api()
+    tokens = [stack.put("work10", sleep=0.03).token for _ in range(60)]
+    sampler = PendingSampler(stack, "work10")
+    sampler.start()
+    stack.start_worker("work10", env={"QS_WORKER_PREFETCH": prefetch})
+    stack.wait_settled(60)
+    sampler.done.set()
+    sampler.join()
+    runs = stack.runs()
+    assert all(len(runs[token]) == 1 for token in tokens)  # each ran once
+    started = [runs[token][0].started for token in tokens]
+    assert started == sorted(started)  # in the order they were put
+    # On: the item in hand and one in reserve (the sampler saw it); off: one at a time.
+    assert sampler.most == (2 if prefetch == "true" else 1)
+    assert stack.audit() == {200: len(tokens)}
+
+
+def test_an_item_in_reserve_behind_a_long_one_is_handed_back_to_a_free_worker(stack: Stack) -> None:
+    stack.start_api()
+    short = [stack.put("work10", sleep=0.05).token for _ in range(3)]
+    long = stack.put("work10", sleep=12).token
+    after = stack.put("work10", sleep=0).token  # taken ahead while `long` runs
+    first = stack.start_worker("work10")
+    wait_until(lambda: stack.running().get(first.pid) == long, 30, "the long item started")
+    second = stack.start_worker("work10")
+    stack.wait_settled(60)
+    runs = stack.runs()
+    # Handed back within about a second: run once, by the free worker, while the long item still ran (not
+    # after it, and not after its 10 s lease lapsed, when both workers would run it).
+    assert [run.pid for run in runs[after]] == [second.pid]
+    [long_run], [after_run] = runs[long], runs[after]
+    assert long_run.ended is not None and after_run.ended is not None
+    assert after_run.ended < long_run.ended
+    assert all(len(runs[token]) == 1 for token in short)
+    assert stack.audit() == {200: 5}
+
+
+def test_a_stop_while_a_result_is_written_behind_writes_it_and_hands_the_reserve_back(stack: Stack) -> None:
+    # The SIGTERM lands while the finisher thread writes one result and takes the next item (the checkpoint
+    # sends it): that result must be written, and what the write took handed back, not left to its lease.
+    stack.start_api()
+    tokens = [stack.put("work10", sleep=0.05).token for _ in range(12)]
+    worker = stack.start_worker("work10", env={"QS_FAULTS": "worker.finish_behind=TERM"})
+    stack.excused.add(worker.pid)
+    assert worker.wait(60) == 0
+    ran = {token for token, runs in stack.runs().items() if any(r.pid == worker.pid for r in runs)}
+    assert 0 < len(ran) < len(tokens)  # it stopped with a backlog left
+    results = stack.results()
+    request_ids = {a.token: a.request_id for a in stack.accepted.values()}
+    assert all(request_ids[token] in results for token in ran)  # its results are written
+    stream = keys.input_queue("work10").normal
+    held = stack.store.xpending_range(stream, WORKER_GROUP, "-", "+", 20)
+    assert held and all(entry["time_since_delivered"] >= LEASE_SECONDS * 1000 for entry in held)
+    other = stack.start_worker("work10")
+    ready_at = time.time()
+    stack.wait_settled(30)
+    runs = stack.runs()
+    left = [token for token in tokens if token not in ran]
+    assert all([r.pid for r in runs[token]] == [other.pid] for token in left)  # each ran once, there
+    assert max(runs[token][0].started for token in left) - ready_at < LEASE_SECONDS / 2
+    assert stack.audit() == {200: len(tokens)}

@@ -65,11 +65,12 @@ def test_a_backlog_of_short_items_runs_once_each_in_order_with_at_most_one_item_
 def test_an_item_in_reserve_behind_a_long_one_is_handed_back_to_a_free_worker(stack: Stack) -> None:
     stack.start_api()
     short = [stack.put("work10", sleep=0.05).token for _ in range(3)]
-    long = stack.put("work10", sleep=12).token
+    long = stack.put("work10", sleep=20).token
     after = stack.put("work10", sleep=0).token  # taken ahead while `long` runs
     first = stack.start_worker("work10")
     wait_until(lambda: stack.running().get(first.pid) == long, 30, "the long item started")
     second = stack.start_worker("work10")
+    ready_at = time.time()
     stack.wait_settled(60)
     runs = stack.runs()
     # Handed back within about a second: run once, by the free worker, while the long item still ran (not
@@ -78,6 +79,7 @@ def test_an_item_in_reserve_behind_a_long_one_is_handed_back_to_a_free_worker(st
     [long_run], [after_run] = runs[long], runs[after]
     assert long_run.ended is not None and after_run.ended is not None
     assert after_run.ended < long_run.ended
+    assert after_run.started - ready_at < LEASE_SECONDS / 2  # free when the second worker came, not lapsing later
     assert all(len(runs[token]) == 1 for token in short)
     assert stack.audit() == {200: 5}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -345,6 +346,31 @@ class Stack:
                 problems.append(f"{token} ran but was never accepted")
         assert not problems, "audit failed:\n" + "\n".join(problems)
         return statuses
+
+
+def assert_backlog_handed_on(
+    stack: Stack, stopped: ManagedProcess, service: str, tokens: Sequence[str], lease_seconds: float
+) -> None:
+    """A worker stopped (exit 0) with a backlog of `tokens` left: every item it ran has its result, what it still
+    holds is free at once (idle past its lease in Redis: released, not left to lapse), and each item left runs
+    once on the next worker, soon after it starts."""
+    assert stopped.wait(60) == 0
+    ran = {token for token, runs in stack.runs().items() if any(r.pid == stopped.pid for r in runs)}
+    assert 0 < len(ran) < len(tokens)  # it stopped with a backlog left
+    results = stack.results()
+    request_ids = {a.token: a.request_id for a in stack.accepted.values()}
+    assert all(request_ids[token] in results for token in ran)
+    stream = keys.input_queue(service).normal
+    held = stack.store.xpending_range(stream, WORKER_GROUP, "-", "+", len(tokens))
+    assert held and all(entry["time_since_delivered"] >= lease_seconds * 1000 for entry in held)
+    other = stack.start_worker(service)
+    ready_at = time.time()
+    stack.wait_settled(30)
+    runs = stack.runs()
+    left = [token for token in tokens if token not in ran]
+    assert all([r.pid for r in runs[token]] == [other.pid] for token in left)  # each ran once, there
+    assert max(runs[token][0].started for token in left) - ready_at < lease_seconds / 2
+    assert stack.audit() == {200: len(tokens)}
 
 
 def _token_of(item: SinkItem) -> str:

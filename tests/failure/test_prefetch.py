@@ -1,7 +1,7 @@
 """A busy worker's reserve (prefetch): with a backlog of short items it holds the next item while one runs and
 writes each result in the background. What a user checks: every item runs once and in order, a worker holds
-at most one item ahead, an item that turns out long does not keep the next one from a free worker, and a
-stop in the middle hands everything back at once."""
+at most one item ahead, and an item that turns out long does not keep the next one from a free worker. (A
+stop in the middle: `test_worker_stop.py`.)"""
 
 from __future__ import annotations
 
@@ -82,29 +82,3 @@ def test_an_item_in_reserve_behind_a_long_one_is_handed_back_to_a_free_worker(st
     assert after_run.started - ready_at < LEASE_SECONDS / 2  # free when the second worker came, not lapsing later
     assert all(len(runs[token]) == 1 for token in short)
     assert stack.audit() == {200: 5}
-
-
-def test_a_stop_while_a_result_is_written_behind_writes_it_and_hands_the_reserve_back(stack: Stack) -> None:
-    # The SIGTERM lands while the finisher thread writes one result and takes the next item (the checkpoint
-    # sends it): that result must be written, and what the write took handed back, not left to its lease.
-    stack.start_api()
-    tokens = [stack.put("work10", sleep=0.05).token for _ in range(12)]
-    worker = stack.start_worker("work10", env={"QS_FAULTS": "worker.finish_behind=TERM"})
-    stack.excused.add(worker.pid)
-    assert worker.wait(60) == 0
-    ran = {token for token, runs in stack.runs().items() if any(r.pid == worker.pid for r in runs)}
-    assert 0 < len(ran) < len(tokens)  # it stopped with a backlog left
-    results = stack.results()
-    request_ids = {a.token: a.request_id for a in stack.accepted.values()}
-    assert all(request_ids[token] in results for token in ran)  # its results are written
-    stream = keys.input_queue("work10").normal
-    held = stack.store.xpending_range(stream, WORKER_GROUP, "-", "+", 20)
-    assert held and all(entry["time_since_delivered"] >= LEASE_SECONDS * 1000 for entry in held)
-    other = stack.start_worker("work10")
-    ready_at = time.time()
-    stack.wait_settled(30)
-    runs = stack.runs()
-    left = [token for token in tokens if token not in ran]
-    assert all([r.pid for r in runs[token]] == [other.pid] for token in left)  # each ran once, there
-    assert max(runs[token][0].started for token in left) - ready_at < LEASE_SECONDS / 2
-    assert stack.audit() == {200: len(tokens)}

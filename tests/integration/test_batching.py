@@ -100,7 +100,9 @@ def test_a_busy_worker_waits_up_to_the_timeout_for_more_items_to_fill_its_batch(
     def held() -> set[str]:
         return {e["requestId"] for raw in sync_redis.hvals(keys.running("batches")) for e in json.loads(raw)}
 
-    first = put(stack, "batches", "sleep:1")  # alone: the worker was idle
+    # Alone: the worker was idle. 3 s: `running` is published once a keeper tick (1 s), and the second put
+    # must land while this batch still runs (with 1 s it sometimes came after the end: CI, 076dbf2).
+    first = put(stack, "batches", "sleep:3")
     wait_until(lambda: first in held(), 10, "the first batch running")
     second = put(stack, "batches", "ok")  # waits for the first batch, then is taken by a busy worker...
     wait_until(lambda: second in held() and first not in held(), 20, "the second item taken")

@@ -140,14 +140,16 @@ class LeaseKeeper(threading.Thread):
             gone = {id(held) for held in helds}
             for key in gone:
                 self._held.pop(key, None)
-            self._main = [held for held in self._main if id(held) not in gone]
+            self._leave_main(gone)
 
     def unmain(self, helds: Iterable[Held]) -> None:
         """Still ours to renew (their finish is being written), but no longer the main thread's unit: the next
         unit's interrupts do not wait on them."""
-        gone = {id(held) for held in helds}
         with self._lock:
-            self._main = [held for held in self._main if id(held) not in gone]
+            self._leave_main({id(held) for held in helds})
+
+    def _leave_main(self, gone: set[int]) -> None:  # with self._lock held
+        self._main = [held for held in self._main if id(held) not in gone]
 
     # --- the reserve: items taken ahead of the one in hand ---------------------------------------
 

@@ -79,9 +79,9 @@ IDLE_STATE_AFTER_SECONDS = 1.0
 # On a cluster, how soon the command channel is subscribed again once its node is gone.
 PUBSUB_RESUBSCRIBE_SECONDS = 1.0
 # A one-at-a-time worker keeps one item in reserve and writes results behind the next item's run only when
-# its last item ran between these (below, the handoff to the finisher thread costs more than the round trip
-# it hides: no-op items went 0.78x in `bench.ab`; above, the round trip is noise beside the run) and at least
-# this many items waited at its last finish (one to run, one left for the other workers).
+# its last item ran between these (below, an item ends before the round trip would, so little is hidden
+# behind it while the handoff to the finisher thread is paid in full; above, the round trip is noise beside the
+# run) and at least this many items waited at its last finish (one to run, one left for the other workers).
 PREFETCH_MIN_RUN_SECONDS = 0.001
 PREFETCH_MAX_RUN_SECONDS = 0.5
 PREFETCH_MIN_WAITING = 2

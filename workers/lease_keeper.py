@@ -114,6 +114,8 @@ class LeaseKeeper(threading.Thread):
         self._published: set[str] = set()  # services whose `running` field this worker wrote last tick
         self._last_renew = dict.fromkeys(self.names, 0.0)
         self._reserve: list[tuple[Item, float]] = []  # items taken ahead, not running yet: (item, hand back at)
+        # Run each tick after the reserve's due items go back (the worker's late deferred results, see Publisher).
+        self.each_tick: Callable[[], None] = lambda: None
 
     def install_interrupt_handler(self) -> None:
         signal.signal(signal.SIGUSR1, self._on_interrupt)
@@ -204,6 +206,7 @@ class LeaseKeeper(threading.Thread):
                     for name in self.names:
                         self.store.maintain(name, MAINTENANCE_SECONDS * 0.9)
                 self.give_back_reserved(due_only=True)
+                self.each_tick()
                 if self._grace_over():
                     for held in self.held():
                         if held.reason is None:

@@ -5,12 +5,15 @@ request) and the input item removed; or, cancelled while it ran, the sink says s
 to another worker after its lease lapsed, nothing is written (that worker answers); or, caught by the end
 of a stop's grace period, it is released for another worker to take at once. A batch, or the requests a
 process holds at once that end together, are written in one pipeline: one round trip for all of them.
+Results may also be deferred (`defer`): a worker running a chain of very short items writes their results
+together with the chain's last one; every later publish writes what was deferred first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,10 +70,15 @@ class Publisher:
         self.worker_name = worker_name
         self.on_finished = on_finished  # what a finish says of the service's queue (nothing waiting...)
         self.give_up = give_up  # a cold stop: results not written yet are left to their leases
+        self._lock = threading.Lock()
+        self._deferred: list[Done] = []
+        self._deferred_since = 0.0
 
     def publish(self, done: Sequence[Done], then: NextTake | None = None) -> Taken | None:
-        """Write every item's end, then stop keeping their leases. With `then`, the next take rides in the
-        finish's round trip: what it took (None when no finish was written, and so no take made)."""
+        """Write every item's end (what was deferred first), then stop keeping their leases. With `then`, the
+        next take rides in the finish's round trip: what it took (None when no finish was written, and so no
+        take made)."""
+        done = [*self._take_deferred(), *done]
         streams = streaming.installed()
         try:
             if streams is not None:  # what they streamed goes before their results
@@ -79,6 +87,30 @@ class Publisher:
         finally:
             self.keeper.drop(d.held for d in done)
             streaming.forget_all(d.held.item for d in done)
+
+    def defer(self, done: Sequence[Done]) -> None:
+        """Keep these results to be written with the next publish (their leases are still kept meanwhile)."""
+        with self._lock:
+            if not self._deferred:
+                self._deferred_since = time.monotonic()
+            self._deferred += done
+
+    def deferred_for(self) -> float:
+        """How long the oldest deferred result has waited (0: none waits)."""
+        with self._lock:
+            return time.monotonic() - self._deferred_since if self._deferred else 0.0
+
+    def write_deferred(self) -> None:
+        """Write what was deferred, now: before a stop, a wait for work, or when the item behind it runs long."""
+        with self._lock:
+            waiting = bool(self._deferred)
+        if waiting:
+            self.publish([])
+
+    def _take_deferred(self) -> list[Done]:
+        with self._lock:
+            deferred, self._deferred = self._deferred, []
+        return deferred
 
     def release(self, helds: Sequence[Held]) -> None:
         """Hand items back unfinished (a stop): another worker may take them at once."""

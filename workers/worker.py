@@ -85,6 +85,15 @@ PUBSUB_RESUBSCRIBE_SECONDS = 1.0
 PREFETCH_MIN_RUN_SECONDS = 0.001
 PREFETCH_MAX_RUN_SECONDS = 0.5
 PREFETCH_MIN_WAITING = 2
+# Below PREFETCH_MIN_RUN_SECONDS, with a backlog, a worker takes a chain of items in one round trip (at most
+# CHAIN_MAX_ITEMS, and half of what waits: the other workers get the rest), runs them one after another and
+# writes their results together with the next take: one round trip per chain instead of one per item, which
+# is most of the CPU a no-op item costs the worker and Redis (docs/benchmarks.md). A result waits at most
+# the chain's few milliseconds; one that waits DEFERRED_MAX_WAIT_SECONDS (an item behind it runs long) is
+# written by the finisher thread at the lease keeper's next tick.
+CHAIN_MAX_ITEMS = 4
+CHAIN_MIN_WAITING = 4
+DEFERRED_MAX_WAIT_SECONDS = 0.1
 
 
 class StartupStopped(BaseException):
@@ -168,6 +177,7 @@ class QueueWorker(SimpleWorker):
             self.timings,
             live=lambda name: self.processors[name].healthy(),
         )
+        self.keeper.each_tick = self._write_late_results
         self.watchdog = Watchdog()
         self.publisher = Publisher(
             self.store, self.keeper, self.timings, self.name, self._finished, give_up=lambda: self._cold_stop
@@ -188,9 +198,9 @@ class QueueWorker(SimpleWorker):
         # released at a stop, a suspension, or when it waited too long behind a long item).
         self._waiting: dict[str, int] = {}
         # Prefetch (QS_WORKER_PREFETCH): with a reserve, a result is written by the finisher thread while the
-        # next item runs; `_behind` is that write, at most one at a time.
+        # next item runs; `_behind` is that write, at most one at a time. The same setting turns chains on.
         self._prefetch = settings.worker_prefetch
-        self._finisher: ThreadPoolExecutor | None = None
+        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="finisher")  # its thread starts at first use
         self._behind: Future[None] | None = None
         self._unit_job: Job | None = None
         self._last_item_at = 0.0
@@ -262,8 +272,7 @@ class QueueWorker(SimpleWorker):
             self._release_taken_ahead()  # a result still being written behind is waited for first
         except Exception:
             self.log.exception("Worker %s: writing the last result", self.name)
-        if self._finisher is not None:
-            self._finisher.shutdown(wait=False)
+        self._finisher.shutdown(wait=False)
         self.keeper.stopping.set()
         with contextlib.suppress(redis.RedisError):
             self.keeper.flush()
@@ -414,6 +423,7 @@ class QueueWorker(SimpleWorker):
         if ahead is not None:
             self._next_service = (self._next_service + 1) % count
             return [ahead], last, full
+        self.publisher.write_deferred()  # the chain's rest went back to the queue: its results wait no longer
         for offset in range(count):
             plan = self.plans[self.services[(self._next_service + offset) % count].name]
             name = plan.name
@@ -483,9 +493,11 @@ class QueueWorker(SimpleWorker):
             behind.result()
 
     def _release_taken_ahead(self) -> None:
-        """Items taken ahead that will not run here (a stop, a suspension): another worker takes them at once."""
+        """Items taken ahead that will not run here (a stop, a suspension): another worker takes them at once.
+        Results written behind or deferred are written first."""
         try:
             self._collect_behind()
+            self.publisher.write_deferred()
         finally:
             with contextlib.suppress(redis.RedisError):
                 self.keeper.give_back_reserved()
@@ -564,16 +576,22 @@ class QueueWorker(SimpleWorker):
             raise
 
     def _publish_then_take(self, plan: ServicePlan, done: list[Done], processing: float) -> None:
-        """Write the unit's results. With a backlog the next take rides in the same round trip; and for short
-        items (prefetch) a worker keeps one item in reserve, so that the write goes on in the finisher thread
-        while the reserved item runs: the round trip leaves the path from one item to the next."""
+        """Write the unit's results. With a backlog the next take rides in the same round trip. For short items
+        (prefetch) a worker keeps one item in reserve, so that the write goes on in the finisher thread while
+        the reserved item runs: the round trip leaves the path from one item to the next. For very short items
+        it takes a chain of them and writes their results together, with the next take, once the chain ends."""
         self._collect_behind()
         then = self._next_take_after(plan)
-        if then is not None and self._prefetching(plan, processing):
+        if then is not None and self._chaining(plan, processing):
+            if self.keeper.has_reserved():  # the chain goes on: this result goes with its last one
+                self.keeper.unmain(d.held for d in done)
+                self.publisher.defer(done)
+                checkpoint("worker.result_deferred")
+                return
+            then = dataclasses.replace(then, want=self._chain_length(plan))
+        elif then is not None and self._prefetching(plan, processing):
             if self.keeper.has_reserved():
                 self.keeper.unmain(d.held for d in done)
-                if self._finisher is None:
-                    self._finisher = ThreadPoolExecutor(1, thread_name_prefix="finisher")
                 self._behind = self._finisher.submit(self._publish_behind, done, then)
                 return
             then = dataclasses.replace(then, want=2)  # one to run next, one in reserve
@@ -589,6 +607,24 @@ class QueueWorker(SimpleWorker):
         if taken is not None and taken.items:
             self.keeper.reserve(taken.items)
             checkpoint("worker.taken_ahead")
+
+    def _chaining(self, plan: ServicePlan, processing: float) -> bool:
+        return (
+            self._prefetch
+            and processing < PREFETCH_MIN_RUN_SECONDS
+            and self._waiting.get(plan.name, 0) >= CHAIN_MIN_WAITING
+        )
+
+    def _chain_length(self, plan: ServicePlan) -> int:
+        return min(CHAIN_MAX_ITEMS, self._waiting.get(plan.name, 0) // 2)
+
+    def _write_late_results(self) -> None:
+        """From the lease keeper's tick: deferred results that waited too long (the item behind them runs
+        long) are written by the finisher thread, not left until that item ends."""
+        if self.publisher.deferred_for() < DEFERRED_MAX_WAIT_SECONDS:
+            return
+        with contextlib.suppress(RuntimeError):  # the finisher was shut down: teardown writes them
+            self._finisher.submit(self.publisher.write_deferred)
 
     def _prefetching(self, plan: ServicePlan, processing: float) -> bool:
         return (

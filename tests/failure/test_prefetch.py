@@ -1,7 +1,9 @@
 """A busy worker's reserve (prefetch): with a backlog of short items it holds the next item while one runs and
-writes each result in the background. What a user checks: every item runs once and in order, a worker holds
-at most one item ahead, and an item that turns out long does not keep the next one from a free worker. (A
-stop in the middle: `test_worker_stop.py`.)"""
+writes each result in the background; with a backlog of very short (no-op) items it takes a chain of a few
+and writes their results together. What a user checks: every item runs once and in order, a worker holds at
+most one item ahead (a chain's few for no-op items), an item that turns out long does not keep the next one
+from a free worker, nor the results of the chain's items before it. (A stop in the middle:
+`test_worker_stop.py`.)"""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import redis
 from queue_service.store import keys
 from queue_service.store.keys import WORKER_GROUP
 from tests.failure.harness import Stack, wait_until
+from workers.worker import CHAIN_MAX_ITEMS
 
 pytestmark = pytest.mark.integration
 
@@ -60,6 +63,55 @@ def test_a_backlog_of_short_items_runs_once_each_in_order_with_at_most_one_item_
     # On: the item in hand and one in reserve (the sampler saw it); off: one at a time.
     assert sampler.most == (2 if prefetch == "true" else 1)
     assert stack.audit() == {200: len(tokens)}
+
+
+def script_calls(store: redis.Redis) -> int:
+    """EVALSHAs Redis has run so far: a worker's finishes and takes are one each."""
+    return int(store.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("prefetch", ["true", "false"])
+def test_a_backlog_of_no_op_items_is_taken_in_chains_and_runs_once_each_in_order(stack: Stack, prefetch: str) -> None:
+    stack.start_api()
+    tokens = [stack.put("work10").token for _ in range(60)]  # work10's queue holds 64
+    calls_before = script_calls(stack.store)
+    sampler = PendingSampler(stack, "work10")
+    sampler.start()
+    stack.start_worker("work10", env={"QS_WORKER_PREFETCH": prefetch})
+    stack.wait_settled(90)
+    sampler.done.set()
+    sampler.join()
+    runs = stack.runs()
+    assert all(len(runs[token]) == 1 for token in tokens)
+    started = [runs[token][0].started for token in tokens]
+    assert started == sorted(started)
+    # One at a time: a finish and a take per item. In chains: a finish per item and a take per chain.
+    per_item = (script_calls(stack.store) - calls_before) / len(tokens)
+    if prefetch == "true":
+        assert 2 <= sampler.most <= CHAIN_MAX_ITEMS + 1  # a chain, and at most one taken behind it
+        assert per_item < 1.6
+    else:
+        assert sampler.most == 1
+        assert per_item >= 1.9
+    assert stack.audit() == {200: len(tokens)}
+
+
+def test_results_deferred_in_a_chain_do_not_wait_for_a_long_item_behind_them(stack: Stack) -> None:
+    stack.start_api()
+    # Fifteen items waiting: the worker takes one, then chains of 4 (items 2-5 and 6-9), then of 3: item 10,
+    # the long item 11 and item 12. Item 10's result is deferred to the chain's end, behind the long item.
+    before = [stack.put("work10") for _ in range(10)]
+    long = stack.put("work10", sleep=20)
+    after = [stack.put("work10") for _ in range(4)]
+    worker = stack.start_worker("work10")
+    wait_until(lambda: stack.running().get(worker.pid) == long.token, 30, "the long item started")
+    # Written by the worker while the long item runs (the lease keeper's tick hands them to the finisher).
+    wait_until(lambda: all(p.request_id in stack.results() for p in before), 10, "the results put before it")
+    assert stack.running().get(worker.pid) == long.token
+    stack.wait_settled(90)
+    runs = stack.runs()
+    assert all(len(runs[p.token]) == 1 for p in [*before, long, *after])
+    assert stack.audit() == {200: 15}
 
 
 def test_an_item_in_reserve_behind_a_long_one_is_handed_back_to_a_free_worker(stack: Stack) -> None:

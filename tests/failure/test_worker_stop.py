@@ -58,12 +58,20 @@ def test_sigterm_past_the_grace_period_hands_the_request_back_and_exits_0(stack:
 
 # With a backlog the finish of one item takes the next in the same round trip (`worker.taken_ahead`); with
 # prefetch a finisher thread writes one result and takes the next item while the reserved one runs
-# (`worker.finish_behind`). A SIGTERM landing at either point (the checkpoint sends it) must leave every result
-# written and hand back what the worker holds, not leave it to wait out its 10 s lease.
-@pytest.mark.parametrize("at", ["worker.taken_ahead", "worker.finish_behind"])
-def test_a_stop_right_after_a_finish_took_the_next_item_hands_that_item_back(stack: Stack, at: str) -> None:
+# (`worker.finish_behind`); no-op items run in chains whose results are written at the chain's end
+# (`worker.result_deferred`: one result kept back, the chain's rest in reserve). A SIGTERM landing at any of
+# these points (the checkpoint sends it) must leave every result written and hand back what the worker holds,
+# not leave it to wait out its 10 s lease.
+# (No-op items: the first item runs 1 s, or the worker would reach the checkpoint before it counts as started.)
+@pytest.mark.parametrize(
+    ("at", "first", "rest"),
+    [("worker.taken_ahead", 0.05, 0.05), ("worker.finish_behind", 0.05, 0.05), ("worker.result_deferred", 1.0, 0)],
+)
+def test_a_stop_right_after_a_finish_took_the_next_item_hands_that_item_back(
+    stack: Stack, at: str, first: float, rest: float
+) -> None:
     stack.start_api()
-    tokens = [stack.put("work10", sleep=0.05).token for _ in range(12)]
+    tokens = [stack.put("work10", sleep=first if i == 0 else rest).token for i in range(12)]
     worker = stack.start_worker("work10", env={"QS_FAULTS": f"{at}=TERM"})
     stack.excused.add(worker.pid)
     assert_backlog_handed_on(stack, worker, "work10", tokens, LEASE_SECONDS)

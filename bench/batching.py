@@ -94,7 +94,12 @@ class BatchBench:
         )
         services_file = self.log_dir / "services.yaml"
         services_file.write_text(yaml.safe_dump({"services": services(self.upstream_url)}, sort_keys=False))
-        api, self.api_url = spawn_api(self.server.url, services_file, log_dir=self.log_dir)
+        # Not the upstream's port: it may not be bound yet, and free_port() would hand it out again (seen once:
+        # the API's requests went to the upstream, whose answer to the watch was 403).
+        api_port = free_port()
+        while api_port == port:
+            api_port = free_port()
+        api, self.api_url = spawn_api(self.server.url, services_file, port=api_port, log_dir=self.log_dir)
         self.processes += [upstream, api]
         workers = {
             f"{service}-{n}": service

@@ -406,7 +406,7 @@ class QueueWorker(SimpleWorker):
     def _wait(self, last: dict[str, int], full: bool) -> None:
         """Until new work may be there: an item put after `last`, or (`full`) a slot that frees."""
         if last:
-            self.store.wait_for_new(last, FULL_POLL_SECONDS if full else IDLE_POLL_SECONDS)
+            self.store.wait_for_work(last, FULL_POLL_SECONDS if full else IDLE_POLL_SECONDS)
         elif full:
             self.inflight.wait_for_change(IDLE_POLL_SECONDS)
         else:  # nothing may be taken now (an upstream that is down, broken keys): look again soon

@@ -15,6 +15,7 @@ from typing import Any
 
 from redis import Redis, RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import NoScriptError, ResponseError
 
 from queue_service.store import keys, scripts
 from queue_service.store.durability import Durability
@@ -39,6 +40,10 @@ DEAD_CONSUMER_SECONDS = 3600
 # On a cluster: threads for a worker's per-slot waits, and how long past its `seconds` a wait waits for them.
 SLOT_WAIT_THREADS = 64
 SLOT_WAIT_MARGIN_SECONDS = 0.5
+# A worker waiting for the bell counts as idle this much longer than its wait: its take says when it is idle
+# no longer (and ends it), so the margin only covers clocks that differ (puts compare with the API's clock),
+# and a killed worker counts as idle this long after its last wait (its puts then ring for nobody).
+IDLE_MARGIN_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +98,7 @@ class WorkerStore:
         self.name = name
         self._cluster = isinstance(redis, RedisCluster)
         self._wait_pool: futures.ThreadPoolExecutor | None = None
+        self._idle_in: set[str] = set()  # services whose bell this worker waited for since its last take there
         self.scripts = scripts.Scripts(redis)
         # Services whose results a replica must confirm: their finishes end with a WAIT (see Scripts.run_many).
         self.durability = dict(durability or {})
@@ -104,6 +110,8 @@ class WorkerStore:
         return self.scripts.run(self._take_call(service, rules, want, claim))
 
     def _take_call(self, service: str, rules: TakeRules, want: int, claim: bool) -> scripts.Call[Taken]:
+        was_idle = service in self._idle_in
+        self._idle_in.discard(service)
         return scripts.take(
             service,
             consumer=self.name,
@@ -112,7 +120,64 @@ class WorkerStore:
             max_delivery=rules.max_delivery,
             sink_max_items=rules.sink_max_items,
             sink_max_bytes=rules.sink_max_bytes,
+            was_idle=was_idle,
         )
+
+    def wait_for_work(self, after: Mapping[str, int], seconds: float) -> None:
+        """An idle worker's wait: until one of these services' bells rings (a put, or a take that left items
+        waiting, while this worker counts as idle), or `seconds` pass. `after`: the last index the worker saw
+        of each service.
+
+        The bell wakes one idle worker per ring, where an XREAD of the input streams woke every idle worker for
+        each put, all but one of them to take nothing. One round trip: the worker counts itself idle
+        (idle.lua, which rings at once for an item put after `after`) and blocks on the bells in the workers'
+        group (NOACK: a ring needs no acknowledgement). On a cluster each slot's bells are waited for at once in
+        threads, as in `wait_for_new`."""
+        by_slot: dict[int, list[str]] = {}
+        for service in after:
+            by_slot.setdefault(key_slot(keys.bell(service).encode()) if self._cluster else 0, []).append(service)
+        self._idle_in.update(after)
+        until = time.time() + seconds + IDLE_MARGIN_SECONDS
+        block_ms = max(1, int(seconds * 1000))
+        if len(by_slot) <= 1:
+            for services in by_slot.values():
+                self._wait_for_bells(services, after, until, block_ms)
+            return
+        waits = [
+            self._waits().submit(self._wait_for_bells, services, after, until, block_ms)
+            for services in by_slot.values()
+        ]
+        done, _ = futures.wait(waits, timeout=seconds + SLOT_WAIT_MARGIN_SECONDS, return_when=futures.FIRST_COMPLETED)
+        for wait in done:
+            wait.result()
+
+    def _wait_for_bells(self, services: Sequence[str], after: Mapping[str, int], until: float, block_ms: int) -> None:
+        calls = [scripts.idle(s, consumer=self.name, until_s=until, last_index=after[s]) for s in services]
+        bells: dict[Any, Any] = {keys.bell(s): ">" for s in services}
+        for _ in range(2):
+            with self.redis.pipeline(transaction=False) as pipe:
+                for call in calls:
+                    pipe.execute_command(
+                        "EVALSHA", self.scripts.sha(call.script), len(call.keys), *call.keys, *call.args
+                    )
+                pipe.xreadgroup(WORKER_GROUP, self.name, bells, count=1, block=block_ms, noack=True)
+                answers = pipe.execute(raise_on_error=False)
+            *counted, rang = answers
+            if any(isinstance(answer, NoScriptError) for answer in counted):  # Redis restarted: load, wait again
+                self.redis.script_load(self.scripts.source_of("idle"))
+                continue
+            if isinstance(rang, ResponseError) and "NOGROUP" in str(rang):  # the first wait of a service
+                for bell in bells:
+                    try:
+                        self.redis.xgroup_create(bell, WORKER_GROUP, id="$", mkstream=True)
+                    except ResponseError as exc:
+                        if "BUSYGROUP" not in str(exc):  # another worker made it meanwhile: fine
+                            raise
+                continue
+            for answer in answers:
+                if isinstance(answer, Exception):
+                    raise answer
+            return
 
     def wait_for_new(self, after: Mapping[str, int], seconds: float) -> None:
         """Block until an item is put in these services' input queues after the given index, or `seconds` pass.
@@ -248,6 +313,7 @@ class WorkerStore:
         with self.redis.pipeline(transaction=False) as pipe:
             for service in services:
                 pipe.zrem(keys.live_workers(service), self.name)
+                pipe.zrem(keys.idle_workers(service), self.name)
                 pipe.hdel(keys.running(service), self.name)
             pipe.execute()
 
@@ -272,6 +338,7 @@ class WorkerStore:
         self._drop_running_of_dead_workers(service)
         now = time.time()
         self.redis.zremrangebyscore(keys.live_workers(service), "-inf", now - DEAD_CONSUMER_SECONDS)
+        self.redis.zremrangebyscore(keys.idle_workers(service), "-inf", now)
         return True
 
     def _drop_running_of_dead_workers(self, service: str) -> None:
@@ -307,7 +374,7 @@ class WorkerStore:
 
     def _drop_dead_consumers(self, service: str) -> None:
         idle_ms = DEAD_CONSUMER_SECONDS * 1000
-        for stream in keys.input_queue(service).streams:
+        for stream in [*keys.input_queue(service).streams, keys.bell(service)]:
             try:
                 consumers: Sequence[dict] = self.redis.xinfo_consumers(stream, WORKER_GROUP)
             except Exception:  # no stream or group yet

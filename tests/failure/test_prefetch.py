@@ -65,16 +65,10 @@ def test_a_backlog_of_short_items_runs_once_each_in_order_with_at_most_one_item_
     assert stack.audit() == {200: len(tokens)}
 
 
-def script_calls(store: redis.Redis) -> int:
-    """EVALSHAs Redis has run so far: a worker's finishes and takes are one each."""
-    return int(store.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
-
-
 @pytest.mark.parametrize("prefetch", ["true", "false"])
 def test_a_backlog_of_no_op_items_is_taken_in_chains_and_runs_once_each_in_order(stack: Stack, prefetch: str) -> None:
     stack.start_api()
     tokens = [stack.put("work10").token for _ in range(60)]  # work10's queue holds 64
-    calls_before = script_calls(stack.store)
     sampler = PendingSampler(stack, "work10")
     sampler.start()
     stack.start_worker("work10", env={"QS_WORKER_PREFETCH": prefetch})
@@ -85,14 +79,12 @@ def test_a_backlog_of_no_op_items_is_taken_in_chains_and_runs_once_each_in_order
     assert all(len(runs[token]) == 1 for token in tokens)
     started = [runs[token][0].started for token in tokens]
     assert started == sorted(started)
-    # One at a time: a finish and a take per item. In chains: a finish per item and a take per chain.
-    per_item = (script_calls(stack.store) - calls_before) / len(tokens)
+    # Only a chain holds more than 2 (the item in hand and a reserve); at most one is taken behind a chain. (How
+    # many items run chained depends on the load: an item over 1 ms on a busy machine is not chained.)
     if prefetch == "true":
-        assert 2 <= sampler.most <= CHAIN_MAX_ITEMS + 1  # a chain, and at most one taken behind it
-        assert per_item < 1.6
+        assert 3 <= sampler.most <= CHAIN_MAX_ITEMS + 1
     else:
         assert sampler.most == 1
-        assert per_item >= 1.9
     assert stack.audit() == {200: len(tokens)}
 
 

@@ -6,7 +6,9 @@ read the counters instead of scanning, so a counter that drifts stalls takes or 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import threading
 import time
 import uuid
 
@@ -1375,6 +1377,53 @@ async def test_wait_for_new_returns_once_an_item_is_there_and_waits_otherwise(
     started = time.monotonic()
     worker.wait_for_new({SERVICE: 1}, seconds=0.2)
     assert time.monotonic() - started >= 0.15
+
+
+async def test_an_idle_worker_wakes_at_once_for_an_item_put_since_it_last_looked(
+    store: QueueStore, worker: WorkerStore
+) -> None:
+    await put_many(store, 1)  # no worker was idle: the put rang no bell
+
+    started = time.monotonic()
+    worker.wait_for_work({SERVICE: 0}, seconds=10)
+    assert time.monotonic() - started < 8  # index 1 is after 0: the wait rang the bell itself
+
+    started = time.monotonic()
+    worker.wait_for_work({SERVICE: 1}, seconds=0.2)
+    assert time.monotonic() - started >= 0.15
+
+
+async def test_one_put_wakes_one_idle_worker_and_the_next_put_the_other(
+    store: QueueStore, worker: WorkerStore, other_worker: WorkerStore
+) -> None:
+    woken: list[str] = []
+
+    def wait(store_of: WorkerStore) -> None:
+        store_of.wait_for_work({SERVICE: 0}, seconds=8)
+        woken.append(store_of.name)
+
+    threads = [threading.Thread(target=wait, args=(w,), daemon=True) for w in (worker, other_worker)]
+    for thread in threads:
+        thread.start()
+    idle = keys.idle_workers(SERVICE)
+    deadline = time.monotonic() + 5
+    while worker.redis.zcard(idle) < 2:
+        assert time.monotonic() < deadline, "both workers count as idle"
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # both blocked on the bell
+
+    await put_many(store, 1)
+    deadline = time.monotonic() + 5
+    while not woken:
+        assert time.monotonic() < deadline, "a put wakes an idle worker"
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(1.0)
+    assert len(woken) == 1  # one, not both (an XREAD of the input stream woke both)
+
+    await put_many(store, 1)
+    for thread in threads:
+        await asyncio.to_thread(thread.join, 5)  # the second well before its 8 s wait ends
+    assert sorted(woken) == sorted([worker.name, other_worker.name])
 
 
 async def test_worker_timings_add_up_across_workers(worker: WorkerStore, other_worker: WorkerStore) -> None:

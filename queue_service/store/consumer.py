@@ -15,7 +15,7 @@ from typing import Any
 
 from redis import Redis, RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from queue_service.store import keys, scripts
 from queue_service.store.durability import Durability
@@ -40,10 +40,6 @@ DEAD_CONSUMER_SECONDS = 3600
 # On a cluster: threads for a worker's per-slot waits, and how long past its `seconds` a wait waits for them.
 SLOT_WAIT_THREADS = 64
 SLOT_WAIT_MARGIN_SECONDS = 0.5
-# A worker waiting for the bell counts as idle this much longer than its wait: its take says when it is idle
-# no longer (and ends it), so the margin only covers clocks that differ (puts compare with the API's clock),
-# and a killed worker counts as idle this long after its last wait (its puts then ring for nobody).
-IDLE_MARGIN_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +94,6 @@ class WorkerStore:
         self.name = name
         self._cluster = isinstance(redis, RedisCluster)
         self._wait_pool: futures.ThreadPoolExecutor | None = None
-        self._idle_in: set[str] = set()  # services whose bell this worker waited for since its last take there
         self.scripts = scripts.Scripts(redis)
         # Services whose results a replica must confirm: their finishes end with a WAIT (see Scripts.run_many).
         self.durability = dict(durability or {})
@@ -110,8 +105,6 @@ class WorkerStore:
         return self.scripts.run(self._take_call(service, rules, want, claim))
 
     def _take_call(self, service: str, rules: TakeRules, want: int, claim: bool) -> scripts.Call[Taken]:
-        was_idle = service in self._idle_in
-        self._idle_in.discard(service)
         return scripts.take(
             service,
             consumer=self.name,
@@ -120,64 +113,46 @@ class WorkerStore:
             max_delivery=rules.max_delivery,
             sink_max_items=rules.sink_max_items,
             sink_max_bytes=rules.sink_max_bytes,
-            was_idle=was_idle,
         )
 
     def wait_for_work(self, after: Mapping[str, int], seconds: float) -> None:
-        """An idle worker's wait: until one of these services' bells rings (a put, or a take that left items
-        waiting, while this worker counts as idle), or `seconds` pass. `after`: the last index the worker saw
-        of each service.
+        """An idle worker's wait: until one of these services' bells rings (a put), or `seconds` pass. `after`
+        (the last index the worker saw of each service) names the services.
 
-        The bell wakes one idle worker per ring, where an XREAD of the input streams woke every idle worker for
-        each put, all but one of them to take nothing. One round trip: the worker counts itself idle
-        (idle.lua, which rings at once for an item put after `after`) and blocks on the bells in the workers'
-        group (NOACK: a ring needs no acknowledgement). On a cluster each slot's bells are waited for at once in
-        threads, as in `wait_for_new`."""
-        by_slot: dict[int, list[str]] = {}
+        One XREADGROUP of the bells in the workers' group (NOACK: a ring needs no acknowledgement): each ring
+        wakes one idle worker, where an XREAD of the input streams woke every idle worker for each put, and all
+        but one of them took nothing. A ring put while no worker waited is read by the next worker that waits:
+        an item put after a worker last looked never goes unnoticed. On a cluster each slot's bells are waited
+        for at once in threads, as in `wait_for_new`."""
+        by_slot: dict[int, dict[Any, Any]] = {}
         for service in after:
-            by_slot.setdefault(key_slot(keys.bell(service).encode()) if self._cluster else 0, []).append(service)
-        self._idle_in.update(after)
-        until = time.time() + seconds + IDLE_MARGIN_SECONDS
+            bell = keys.bell(service)
+            by_slot.setdefault(key_slot(bell.encode()) if self._cluster else 0, {})[bell] = ">"
         block_ms = max(1, int(seconds * 1000))
         if len(by_slot) <= 1:
-            for services in by_slot.values():
-                self._wait_for_bells(services, after, until, block_ms)
+            for bells in by_slot.values():
+                self._wait_for_bells(bells, block_ms)
             return
-        waits = [
-            self._waits().submit(self._wait_for_bells, services, after, until, block_ms)
-            for services in by_slot.values()
-        ]
+        waits = [self._waits().submit(self._wait_for_bells, bells, block_ms) for bells in by_slot.values()]
         done, _ = futures.wait(waits, timeout=seconds + SLOT_WAIT_MARGIN_SECONDS, return_when=futures.FIRST_COMPLETED)
         for wait in done:
             wait.result()
 
-    def _wait_for_bells(self, services: Sequence[str], after: Mapping[str, int], until: float, block_ms: int) -> None:
-        calls = [scripts.idle(s, consumer=self.name, until_s=until, last_index=after[s]) for s in services]
-        bells: dict[Any, Any] = {keys.bell(s): ">" for s in services}
-        for _ in range(2):
-            with self.redis.pipeline(transaction=False) as pipe:
-                for call in calls:
-                    pipe.execute_command(
-                        "EVALSHA", self.scripts.sha(call.script), len(call.keys), *call.keys, *call.args
-                    )
-                pipe.xreadgroup(WORKER_GROUP, self.name, bells, count=1, block=block_ms, noack=True)
-                answers = pipe.execute(raise_on_error=False)
-            *counted, rang = answers
-            if any(isinstance(answer, NoScriptError) for answer in counted):  # Redis restarted: load, wait again
-                self.redis.script_load(self.scripts.source_of("idle"))
-                continue
-            if isinstance(rang, ResponseError) and "NOGROUP" in str(rang):  # the first wait of a service
-                for bell in bells:
-                    try:
-                        self.redis.xgroup_create(bell, WORKER_GROUP, id="$", mkstream=True)
-                    except ResponseError as exc:
-                        if "BUSYGROUP" not in str(exc):  # another worker made it meanwhile: fine
-                            raise
-                continue
-            for answer in answers:
-                if isinstance(answer, Exception):
-                    raise answer
-            return
+    def _wait_for_bells(self, bells: dict[Any, Any], block_ms: int) -> None:
+        try:
+            self.redis.xreadgroup(WORKER_GROUP, self.name, bells, count=1, block=block_ms, noack=True)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # A service's first wait (or a Redis that lost its data): from the first entry, so that a ring put
+            # before the group existed still wakes this worker.
+            for bell in bells:
+                try:
+                    self.redis.xgroup_create(bell, WORKER_GROUP, id="0", mkstream=True)
+                except ResponseError as again:
+                    if "BUSYGROUP" not in str(again):  # another worker made it meanwhile: fine
+                        raise
+            self.redis.xreadgroup(WORKER_GROUP, self.name, bells, count=1, block=block_ms, noack=True)
 
     def wait_for_new(self, after: Mapping[str, int], seconds: float) -> None:
         """Block until an item is put in these services' input queues after the given index, or `seconds` pass.
@@ -313,7 +288,6 @@ class WorkerStore:
         with self.redis.pipeline(transaction=False) as pipe:
             for service in services:
                 pipe.zrem(keys.live_workers(service), self.name)
-                pipe.zrem(keys.idle_workers(service), self.name)
                 pipe.hdel(keys.running(service), self.name)
             pipe.execute()
 
@@ -338,7 +312,6 @@ class WorkerStore:
         self._drop_running_of_dead_workers(service)
         now = time.time()
         self.redis.zremrangebyscore(keys.live_workers(service), "-inf", now - DEAD_CONSUMER_SECONDS)
-        self.redis.zremrangebyscore(keys.idle_workers(service), "-inf", now)
         return True
 
     def _drop_running_of_dead_workers(self, service: str) -> None:

@@ -133,14 +133,10 @@ def live_workers(service: str) -> str:
     return f"{_service(service)}:workers"
 
 
-def idle_workers(service: str) -> str:
-    """Sorted set: worker name -> unix time until which it counts as waiting for the service's bell (idle)."""
-    return f"{_service(service)}:idle"
-
-
 def bell(service: str) -> str:
-    """Stream of at most one entry, rung (XADD) by a put, or by a take that leaves items waiting, while a worker
-    is idle. Idle workers block on it in the workers' group, so each ring wakes one of them, not all."""
+    """Stream of at most one entry, rung (XADD) by every put of an input item. Idle workers block on it in the
+    workers' group, so each ring wakes one of them, not all; a ring nobody waited for wakes the next worker to
+    wait, once."""
     return f"{_service(service)}:bell"
 
 

@@ -79,7 +79,6 @@ NAMES = (
     "negative",
     "count",
     "chunks",
-    "idle",
 )
 # How many replies one API process's reply stream keeps (it reads them as they come).
 REPLY_STREAM_MAXLEN = 10_000
@@ -324,7 +323,6 @@ def put(
             keys.deadlines(qk.service),
             keys.idempotency(qk.service, idempotency_digest) if idempotency_digest else qk.seq,
             qk.end,
-            keys.idle_workers(qk.service) if qk.queue == "input" else qk.seq,
             keys.bell(qk.service) if qk.queue == "input" else qk.seq,
         ],
         [
@@ -366,10 +364,8 @@ def take(
     sink_max_items: int,
     sink_max_bytes: int,
     restart_guard: bool = True,
-    was_idle: bool = False,
 ) -> Call[Taken]:
-    """Up to `want` items for a worker; `lease_ms` > 0 also claims items whose lease lapsed. `was_idle`: the
-    worker waited for the bell since its last take of this service (it counts as idle no longer)."""
+    """Up to `want` items for a worker; `lease_ms` > 0 also claims items whose lease lapsed."""
     qi = keys.input_queue(service)
 
     def decode(raw: Any) -> Taken:
@@ -379,16 +375,7 @@ def take(
     hooks = keys.webhooks(service)
     return Call(
         "take",
-        [
-            qi.high,
-            qi.normal,
-            qi.counts,
-            qi.seq,
-            hooks.stream,
-            hooks.requests,
-            keys.idle_workers(service),
-            keys.bell(service),
-        ],
+        [qi.high, qi.normal, qi.counts, qi.seq, hooks.stream, hooks.requests],
         [
             consumer,
             want,
@@ -397,21 +384,8 @@ def take(
             sink_max_items,
             sink_max_bytes,
             RELEASED_ONLY_MS if restart_guard else "",
-            "1" if was_idle else "0",
-            f"{time.time():.3f}",
         ],
         decode,
-    )
-
-
-def idle(service: str, *, consumer: str, until_s: float, last_index: int) -> Call[int]:
-    """Count the worker idle for `service` until `until_s` (unix time), before it waits for the bell; rings
-    the bell at once if an item was put after `last_index` (the last one the worker saw)."""
-    return Call(
-        "idle",
-        [keys.idle_workers(service), keys.input_queue(service).seq, keys.bell(service)],
-        [consumer, f"{until_s:.3f}", last_index, f"{time.time():.3f}"],
-        int,
     )
 
 

@@ -58,7 +58,6 @@ def every_call(service: str) -> Iterator[scripts.Call[Any]]:
         yield scripts.reopen(qk, below=2)
     yield scripts.put(qi, data=b"x", tags={}, request_id="r", now_ms=1, max_items=9, reply_channel="a0b1c2")
     yield scripts.take(service, consumer="w", want=1, lease_ms=1, max_delivery=3, sink_max_items=9, sink_max_bytes=9)
-    yield scripts.idle(service, consumer="w", until_s=1, last_index=0)
     for sync in (False, True):
         for body in (b"", b"x"):
             yield scripts.finish(_item(service, sync=sync), Outcome(body), consumer="w", now_ms=1)
@@ -173,19 +172,9 @@ def _exercise_every_script(client: redis.Redis, service: str) -> None:
         attempt(scripts.held(qs, group="g", consumer="c", mode=mode, most=10))
     attempt(scripts.rate(service, 10))
     attempt(scripts.reconcile(service))
-    attempt(scripts.idle(service, consumer="w", until_s=now / 1000 + 60, last_index=0))  # idle: puts ring the bell
     attempt(scripts.put(qi, data=b"c", tags={}, request_id="r7", now_ms=now, max_items=9))
     running = attempt(
-        scripts.take(
-            service,
-            consumer="w",
-            want=1,
-            lease_ms=0,
-            max_delivery=3,
-            sink_max_items=9,
-            sink_max_bytes=10**6,
-            was_idle=True,
-        )
+        scripts.take(service, consumer="w", want=1, lease_ms=0, max_delivery=3, sink_max_items=9, sink_max_bytes=10**6)
     )
     attempt(scripts.status(service, "r7"))  # running: with its progress report
     assert running is not None and running.items

@@ -50,14 +50,6 @@ local function append_item(stream, seq, ids, rid, fields)
   return index, true
 end
 
--- Wake one idle worker of the service, if one waits (keys.bell): the bell keeps one entry at most, and each
--- entry goes to one worker of the group blocked on it.
-local function ring(idle, bell, now_s)
-  if redis.call('ZCOUNT', idle, now_s, '+inf') > 0 then
-    redis.call('XADD', bell, 'MAXLEN', '1', '*', 'r', '1')
-  end
-end
-
 -- Remove one item for good and keep the counters true. Q = {stream, ids, counts, kind ('input'|'sink'),
 -- high (bool)}. Input: the workers' group forgets it: a held item gives back the sink room its result had
 -- (unless `room_used`: its result is written), an item no worker held was waiting. Sink: its room and

@@ -6,7 +6,7 @@
 -- A queue whose stream has ended (eos.lua) takes no more puts.
 -- KEYS: stream (the priority or normal stream), seq, ids, counts, workers (live workers; any key unless sync),
 --       deadlines, idempotency (the key's; any key of the service when there is none), end (the queue's
---       end-of-stream marker), idle (idle workers; any key for the sink), bell (the workers' bell; any key)
+--       end-of-stream marker), bell (the workers' bell, rung for an input item; any key for the sink)
 -- ARGV: kind (input|sink), data, tags_json, rid, ts_ms, priority (1|0), max_items (0: none),
 --       max_bytes (0: none), reply_channel (''), now_s, path (''), content_type (''), ttl_ms (0: none),
 --       hooks ('' or the webhook targets' JSON), idempotent (1|0), idempotency_ttl_s
@@ -65,7 +65,8 @@ if kind == 'sink' then
   redis.call('HINCRBY', KEYS[4], 'sink_bytes', #data)
 else
   if priority then redis.call('HINCRBY', KEYS[4], 'waiting_high', 1) end
-  ring(KEYS[9], KEYS[10], ARGV[10])
+  -- Wakes one idle worker (keys.bell): trimmed to one entry, each read by one worker of the group.
+  redis.call('XADD', KEYS[9], 'MAXLEN', '1', '*', 'r', '1')
 end
 if deadline > 0 then redis.call('ZADD', KEYS[6], deadline, ms(index)) end
 if idempotent then redis.call('SET', KEYS[7], ms(index) .. ':' .. rid, 'EX', ARGV[16]) end

@@ -6,11 +6,9 @@
 -- the sink for its result at once (`sink_used`), so new items are taken only while that room is there.
 -- Deadlines: an item whose deadline (`exp`) has passed comes back marked expired and never runs; the worker
 -- ends it with its terminal answer. Webhooks: each item handed over to run enqueues its `start` deliveries.
--- Idle workers: a worker that waited for the bell is no longer idle once it takes; a take that leaves items
--- waiting rings the bell, so that another idle worker joins (one put wakes one worker, see keys.bell).
--- KEYS: high, normal, counts, seq, webhooks stream, webhooks requests, idle workers, bell
+-- KEYS: high, normal, counts, seq, webhooks stream, webhooks requests
 -- ARGV: consumer, want, lease_ms (0: no lapsed items), max_delivery (0: no limit), sink_max_items (0: none),
---       sink_max_bytes (0: none), restart_guard_ms ('': none), was_idle (1|0), now_s
+--       sink_max_bytes (0: none), restart_guard_ms ('': none)
 -- Returns {sink_full (1|0), last index given out (0 unless nothing was taken), {{stream, id, fields,
 --          deliveries, ending (0: run it, 1: exhausted, 2: expired)}...}}.
 local consumer, want = ARGV[1], tonumber(ARGV[2])
@@ -95,9 +93,6 @@ for _, t in ipairs(taken) do
     end
   end
 end
-
-if ARGV[8] == '1' then redis.call('ZREM', KEYS[7], consumer) end
-if fresh > 0 and waiting - fresh > 0 then ring(KEYS[7], KEYS[8], ARGV[9]) end
 
 local last = 0
 if #taken == 0 then last = num(redis.call('GET', KEYS[4])) end

@@ -62,3 +62,16 @@ def test_bench_streaming_smoke_prints_its_table() -> None:
     assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
     for what in ("yield to SSE client p50", "chunks to one SSE client", "yield to client p99", "Redis CPU"):
         assert what in done.stdout, f"no {what!r} row in:\n{done.stdout[-3000:]}"
+
+
+def test_bench_worker_cpu_prints_chains_on_against_off() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.worker_cpu", "--items", "300", "--rounds", "1"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    for what in ("QS_WORKER_PREFETCH=true", "QS_WORKER_PREFETCH=false", "worker CPU µs/item", "Redis CPU µs/item"):
+        assert what in done.stdout, f"no {what!r} in:\n{done.stdout[-3000:]}"

@@ -13,16 +13,15 @@ from tests.support.repo import REPO_ROOT
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("heavy")]
 
 
-def test_bench_smoke_prints_the_table() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--smoke"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+def run_bench(*argv: str) -> str:
+    """Run `python -m <argv>` from the repository's root; its stdout, once it has exited 0."""
+    done = subprocess.run([sys.executable, "-m", *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
-    out = done.stdout
+    return done.stdout
+
+
+def test_bench_smoke_prints_the_table() -> None:
+    out = run_bench("bench.run", "--smoke")
     assert "| # | measurement | unit | ours | baseline | baseline value | ours / baseline | better |" in out
     for section in ("| 1 |", "| 2 |", "| 3 |", "| 4 |", "| 5 |"):
         assert section in out, f"no rows of section {section} in:\n{out[-3000:]}"
@@ -39,39 +38,18 @@ def test_bench_smoke_prints_the_table() -> None:
 
 
 def test_bench_batching_smoke_prints_its_table() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.batching", "--smoke"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    out = run_bench("bench.batching", "--smoke")
     for what in ("batching on", "lone sync request p50", "worker_threads 1", "the upstream called directly"):
-        assert what in done.stdout, f"no {what!r} row in:\n{done.stdout[-3000:]}"
+        assert what in out, f"no {what!r} row in:\n{out[-3000:]}"
 
 
 def test_bench_streaming_smoke_prints_its_table() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.streaming", "--smoke"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    out = run_bench("bench.streaming", "--smoke")
     for what in ("yield to SSE client p50", "chunks to one SSE client", "yield to client p99", "Redis CPU"):
-        assert what in done.stdout, f"no {what!r} row in:\n{done.stdout[-3000:]}"
+        assert what in out, f"no {what!r} row in:\n{out[-3000:]}"
 
 
 def test_bench_worker_cpu_prints_chains_on_against_off() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.worker_cpu", "--items", "300", "--rounds", "1"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    out = run_bench("bench.worker_cpu", "--items", "300", "--rounds", "1")
     for what in ("QS_WORKER_PREFETCH=true", "QS_WORKER_PREFETCH=false", "worker CPU µs/item", "Redis CPU µs/item"):
-        assert what in done.stdout, f"no {what!r} in:\n{done.stdout[-3000:]}"
+        assert what in out, f"no {what!r} in:\n{out[-3000:]}"

@@ -404,8 +404,18 @@ class QueueWorker(SimpleWorker):
             self.check_for_suspension(False)
 
     def _wait(self, last: dict[str, int], full: bool) -> None:
-        """Until new work may be there: an item put after `last`, or (`full`) a slot that frees."""
-        if last:
+        """Until new work may be there: an item put after `last`, or (`full`) a slot that frees. A worker of one
+        one-at-a-time service queues its next take behind the wait: woken, it holds the item already (in
+        reserve, so that a stop or a suspension noticed now hands it back)."""
+        if last and not full and len(self.services) == 1 and self.plans[self.services[0].name].mode == "one":
+            plan = self.plans[self.services[0].name]
+            claim = self._claim_due(plan, time.monotonic())
+            taken = self.store.wait_then_take(plan.name, IDLE_POLL_SECONDS, self._rules[plan.name], claim=claim)
+            if taken.items:
+                self.keeper.reserve(taken.items)
+            elif not taken.sink_full:
+                self._known_empty[plan.name] = taken.last_index  # nothing came: wait again without a take
+        elif last:
             self.store.wait_for_work(last, FULL_POLL_SECONDS if full else IDLE_POLL_SECONDS)
         elif full:
             self.inflight.wait_for_change(IDLE_POLL_SECONDS)

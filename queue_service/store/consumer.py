@@ -15,7 +15,7 @@ from typing import Any
 
 from redis import Redis, RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from queue_service.store import keys, scripts
 from queue_service.store.durability import Durability
@@ -144,15 +144,40 @@ class WorkerStore:
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            # A service's first wait (or a Redis that lost its data): from the first entry, so that a ring put
-            # before the group existed still wakes this worker.
-            for bell in bells:
-                try:
-                    self.redis.xgroup_create(bell, WORKER_GROUP, id="0", mkstream=True)
-                except ResponseError as again:
-                    if "BUSYGROUP" not in str(again):  # another worker made it meanwhile: fine
-                        raise
+            self._make_bell_groups(bells)
             self.redis.xreadgroup(WORKER_GROUP, self.name, bells, count=1, block=block_ms, noack=True)
+
+    def _make_bell_groups(self, bells: dict[Any, Any]) -> None:
+        """A service's first wait (or a Redis that lost its data): the group reads from the first entry, so that a
+        ring put before the group existed still wakes the worker."""
+        for bell in bells:
+            try:
+                self.redis.xgroup_create(bell, WORKER_GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):  # another worker made it meanwhile: fine
+                    raise
+
+    def wait_then_take(
+        self, service: str, seconds: float, rules: TakeRules, *, want: int = 1, claim: bool = False
+    ) -> Taken:
+        """`wait_for_work` for one service with the next take queued behind the wait in the same pipeline: Redis
+        runs the take as soon as a ring (or the timeout) ends the wait, so a woken worker holds its item
+        without another round trip. What the take took (nothing after a timeout or a ring another took)."""
+        bells: dict[Any, Any] = {keys.bell(service): ">"}
+        call = self._take_call(service, rules, want, claim)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xreadgroup(WORKER_GROUP, self.name, bells, count=1, block=max(1, int(seconds * 1000)), noack=True)
+            pipe.execute_command("EVALSHA", self.scripts.sha(call.script), len(call.keys), *call.keys, *call.args)
+            rang, taken = pipe.execute(raise_on_error=False)
+        if isinstance(rang, ResponseError) and "NOGROUP" in str(rang):
+            self._make_bell_groups(bells)  # the take ran all the same: what it took is the answer
+        elif isinstance(rang, Exception):
+            raise rang
+        if isinstance(taken, NoScriptError):  # Redis restarted: the take did not run; take now (redis-py loads it)
+            return self.scripts.run(call)
+        if isinstance(taken, Exception):
+            raise taken
+        return call.decode(taken)
 
     def wait_for_new(self, after: Mapping[str, int], seconds: float) -> None:
         """Block until an item is put in these services' input queues after the given index, or `seconds` pass.

@@ -1429,6 +1429,25 @@ async def test_one_put_wakes_one_idle_worker_and_the_next_put_the_other(
     assert sorted(woken) == sorted([worker.name, other_worker.name])
 
 
+async def test_a_take_queued_behind_the_wait_hands_the_woken_worker_the_item_put_meanwhile(
+    store: QueueStore, worker: WorkerStore
+) -> None:
+    assert worker.wait_then_take(SERVICE, 0.2, RULES).items == []  # nothing came: the take after the timeout
+
+    def put_later() -> None:
+        time.sleep(0.3)
+        now_ms = int(time.time() * 1000)
+        worker.scripts.run(scripts.put(IN, data=b"woken", tags={}, request_id="r-woken", now_ms=now_ms, max_items=9))
+
+    putter = threading.Thread(target=put_later, daemon=True)
+    putter.start()
+    started = time.monotonic()
+    taken = worker.wait_then_take(SERVICE, 10, RULES)
+    assert time.monotonic() - started < 8  # woken by the put's ring, not by the 10 s timeout
+    assert [item.data for item in taken.items] == [b"woken"]
+    putter.join(5)
+
+
 async def test_worker_timings_add_up_across_workers(worker: WorkerStore, other_worker: WorkerStore) -> None:
     worker.add_timings({SERVICE: {"processing:0.025": 1, "processing:sum": 0.02}})
     other_worker.add_timings({SERVICE: {"processing:0.025": 2, "processing:sum": 0.03}})

@@ -13,7 +13,6 @@ Prints, per side, the medians over the rounds of the worker process's CPU µs pe
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import redis
 
+from bench import redis_cost
+from bench.api_processes import _cpu_seconds
 from queue_service.embedded_redis import RedisServer
 from queue_service.store import keys, scripts
 from queue_service.testing import spawn_worker, stop_all, wait_listening, write_services
@@ -29,17 +30,6 @@ from queue_service.testing import spawn_worker, stop_all, wait_listening, write_
 SERVICE = "drain"
 BIG = 10**8
 PUT_BATCH = 500
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int) -> float:
-    rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / _TICKS
-
-
-def _redis_cpu(client: redis.Redis) -> float:
-    info = client.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def _fill(client: redis.Redis, store: scripts.Scripts, items: int) -> None:
@@ -62,7 +52,7 @@ def drain(server: RedisServer, services_file: Path, log_dir: Path, items: int, p
     worker = spawn_worker(server.url, services_file, [SERVICE], env={"QS_WORKER_PREFETCH": prefetch}, log_dir=log_dir)
     try:
         wait_listening(worker, server.url)
-        cpu, redis_cpu, started = _cpu_seconds(worker.pid), _redis_cpu(client), time.perf_counter()
+        cpu, redis_cpu, started = _cpu_seconds(worker.pid), redis_cost.snapshot(client).cpu, time.perf_counter()
         deadline = time.monotonic() + 300
         while client.hlen(results) - before < items:
             if time.monotonic() > deadline:
@@ -71,7 +61,7 @@ def drain(server: RedisServer, services_file: Path, log_dir: Path, items: int, p
         seconds = time.perf_counter() - started
         return {
             "worker_us": (_cpu_seconds(worker.pid) - cpu) / items * 1e6,
-            "redis_us": (_redis_cpu(client) - redis_cpu) / items * 1e6,
+            "redis_us": (redis_cost.snapshot(client).cpu - redis_cpu) / items * 1e6,
             "items_s": items / seconds,
         }
     finally:

@@ -8,9 +8,10 @@ worker's item lapses and is taken by another worker after `queue.lease_seconds` 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from redis import Redis, RedisCluster
@@ -122,21 +123,14 @@ class WorkerStore:
         One XREADGROUP of the bells in the workers' group (NOACK: a ring needs no acknowledgement): each ring
         wakes one idle worker, where an XREAD of the input streams woke every idle worker for each put, and all
         but one of them took nothing. A ring put while no worker waited is read by the next worker that waits:
-        an item put after a worker last looked never goes unnoticed. On a cluster each slot's bells are waited
-        for at once in threads, as in `wait_for_new`."""
+        an item put after a worker last looked never goes unnoticed. On a cluster, one wait per slot
+        (`_block_per_slot`)."""
         by_slot: dict[int, dict[Any, Any]] = {}
         for service in after:
             bell = keys.bell(service)
             by_slot.setdefault(key_slot(bell.encode()) if self._cluster else 0, {})[bell] = ">"
         block_ms = max(1, int(seconds * 1000))
-        if len(by_slot) <= 1:
-            for bells in by_slot.values():
-                self._wait_for_bells(bells, block_ms)
-            return
-        waits = [self._waits().submit(self._wait_for_bells, bells, block_ms) for bells in by_slot.values()]
-        done, _ = futures.wait(waits, timeout=seconds + SLOT_WAIT_MARGIN_SECONDS, return_when=futures.FIRST_COMPLETED)
-        for wait in done:
-            wait.result()
+        self._block_per_slot([partial(self._wait_for_bells, bells, block_ms) for bells in by_slot.values()], seconds)
 
     def _wait_for_bells(self, bells: dict[Any, Any], block_ms: int) -> None:
         try:
@@ -183,24 +177,29 @@ class WorkerStore:
         """Block until an item is put in these services' input queues after the given index, or `seconds` pass.
 
         One XREAD of every stream on one Redis; on a cluster an XREAD may name one slot only (CROSSSLOT), so
-        each slot gets a blocking read of its own, all at once in threads, and the first to see an item ends
-        the wait (the others end by themselves within `seconds`; what they read is dropped)."""
+        each slot gets a blocking read of its own (`_block_per_slot`)."""
         by_slot: dict[int, dict[Any, Any]] = {}
         for service, index in after.items():
             qi = keys.input_queue(service)
             streams = by_slot.setdefault(key_slot(qi.normal.encode()) if self._cluster else 0, {})
             streams[qi.high] = streams[qi.normal] = keys.stream_id(index)
         block_ms = max(1, int(seconds * 1000))
-        if len(by_slot) <= 1:
-            for streams in by_slot.values():
-                self.redis.xread(streams, count=1, block=block_ms)
+        self._block_per_slot(
+            [partial(self.redis.xread, streams, count=1, block=block_ms) for streams in by_slot.values()], seconds
+        )
+
+    def _block_per_slot(self, waits: Sequence[Callable[[], Any]], seconds: float) -> None:
+        """Run blocking reads, one per slot: in this thread when there is one (a single Redis: always), else all
+        at once in threads, the first to end ending the wait (the others end by themselves within `seconds`;
+        what they read is dropped). A read that failed (Redis away) fails the wait, as the one read would."""
+        if len(waits) <= 1:
+            for wait in waits:
+                wait()
             return
-        reads = [
-            self._waits().submit(self.redis.xread, streams, count=1, block=block_ms) for streams in by_slot.values()
-        ]
-        done, _ = futures.wait(reads, timeout=seconds + SLOT_WAIT_MARGIN_SECONDS, return_when=futures.FIRST_COMPLETED)
+        running = [self._waits().submit(wait) for wait in waits]
+        done, _ = futures.wait(running, timeout=seconds + SLOT_WAIT_MARGIN_SECONDS, return_when=futures.FIRST_COMPLETED)
         for read in done:
-            read.result()  # a read that failed (Redis away) fails the wait, as the one XREAD would
+            read.result()
 
     def _waits(self) -> futures.ThreadPoolExecutor:
         """Threads for the per-slot waits (a cluster only): a wait's reads that lost the race still block for up

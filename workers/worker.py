@@ -191,8 +191,8 @@ class QueueWorker(SimpleWorker):
         )
         self._next_service = 0
         self._next_claim = dict.fromkeys(self._by_name, 0.0)
-        # A service whose last finish saw nothing waiting: its last index, to wait after without a take.
-        self._known_empty: dict[str, int] = {}
+        # Services whose last finish or take saw nothing waiting: the worker waits for a put without a take.
+        self._known_empty: set[str] = set()
         # Items waiting at a service's last finish: with a backlog, the next finish takes the next item in its
         # round trip. What a finish takes goes to the keeper's reserve (held in Redis already: run next, or
         # released at a stop, a suspension, or when it waited too long behind a long item).
@@ -389,7 +389,7 @@ class QueueWorker(SimpleWorker):
                 self._release_taken_ahead()
                 raise StopRequested()
             self.heartbeat()  # throttled by heartbeat() itself
-            items, last, full = self._take_next()
+            items, idle, full = self._take_next()
             if items:
                 return self._job_for(items, from_idle=waited), self._queue_for(items[0])
             if timeout is None:  # burst mode: nothing left, quit (teardown lets what runs finish)
@@ -398,41 +398,41 @@ class QueueWorker(SimpleWorker):
                 return None
             if not self.inflight.total():
                 self._write_idle()
-            self._wait(last, full)
+            self._wait(idle, full)
             waited = True
             # rq looks at `rq suspend` between jobs only: an idle worker would take new work while suspended.
             self.check_for_suspension(False)
 
-    def _wait(self, last: dict[str, int], full: bool) -> None:
-        """Until new work may be there: an item put after `last`, or (`full`) a slot that frees. A worker of one
-        one-at-a-time service queues its next take behind the wait: woken, it holds the item already (in
-        reserve, so that a stop or a suspension noticed now hands it back)."""
-        if last and not full and len(self.services) == 1 and self.plans[self.services[0].name].mode == "one":
+    def _wait(self, idle: list[str], full: bool) -> None:
+        """Until new work may be there: a put in one of the `idle` services, or (`full`) a slot that frees. A
+        worker of one one-at-a-time service queues its next take behind the wait: woken, it holds the item
+        already (in reserve, so that a stop or a suspension noticed now hands it back)."""
+        if idle and not full and len(self.services) == 1 and self.plans[self.services[0].name].mode == "one":
             plan = self.plans[self.services[0].name]
             claim = self._claim_due(plan, time.monotonic())
             taken = self.store.wait_then_take(plan.name, IDLE_POLL_SECONDS, self._rules[plan.name], claim=claim)
             if taken.items:
                 self.keeper.reserve(taken.items)
             elif not taken.sink_full:
-                self._known_empty[plan.name] = taken.last_index  # nothing came: wait again without a take
-        elif last:
-            self.store.wait_for_work(last, FULL_POLL_SECONDS if full else IDLE_POLL_SECONDS)
+                self._known_empty.add(plan.name)  # nothing came: wait again without a take
+        elif idle:
+            self.store.wait_for_work(idle, FULL_POLL_SECONDS if full else IDLE_POLL_SECONDS)
         elif full:
             self.inflight.wait_for_change(IDLE_POLL_SECONDS)
         else:  # nothing may be taken now (an upstream that is down, broken keys): look again soon
             time.sleep(IDLE_POLL_SECONDS)
 
-    def _take_next(self) -> tuple[list[Item], dict[str, int], bool]:
+    def _take_next(self) -> tuple[list[Item], list[str], bool]:
         """Items of one service, trying services round-robin so that one busy service cannot starve another;
-        else the last index of each service that could take (to wait for what comes after it), and whether
-        a service had no free slot."""
+        else the services that could take but found nothing (to wait for a put in them), and whether a
+        service had no free slot."""
         count = len(self.services)
-        last: dict[str, int] = {}
+        idle: list[str] = []
         full = False
         ahead = self._next_reserved()
         if ahead is not None:
             self._next_service = (self._next_service + 1) % count
-            return [ahead], last, full
+            return [ahead], idle, full
         self.publisher.write_deferred()  # the chain's rest went back to the queue: its results wait no longer
         for offset in range(count):
             plan = self.plans[self.services[(self._next_service + offset) % count].name]
@@ -448,8 +448,9 @@ class QueueWorker(SimpleWorker):
                     continue
             claim = self._claim_due(plan, now)
             if not claim and name in self._known_empty:
-                # The last finish saw nothing waiting: wait after its last index (an item put since wakes us).
-                last[name] = self._known_empty.pop(name)
+                # The last finish saw nothing waiting: wait for a put (its bell wakes us) without a take.
+                self._known_empty.discard(name)
+                idle.append(name)
                 continue
             try:
                 taken = self.store.take(name, self._rules[name], want=want, claim=claim)
@@ -462,12 +463,12 @@ class QueueWorker(SimpleWorker):
                 continue
             if taken.items:
                 self._next_service = (self._next_service + offset + 1) % count
-                return taken.items, last, full
-            last[name] = taken.last_index
+                return taken.items, idle, full
+            idle.append(name)
             if taken.sink_full and time.monotonic() - self._sink_full_warned > SINK_FULL_WARNING_INTERVAL:
                 self._sink_full_warned = time.monotonic()
                 self.log.warning("Worker %s: sink of %s is full; not taking its input", self.name, name)
-        return [], last, full
+        return [], idle, full
 
     def _claim_due(self, plan: ServicePlan, now: float) -> bool:
         """Whether this take also claims lapsed items (once per CLAIM_INTERVAL_SECONDS, at most a quarter lease)."""
@@ -695,9 +696,11 @@ class QueueWorker(SimpleWorker):
     def _finished(self, service: str, finished: Finished) -> None:
         # From the main thread or the finisher thread: plain assignments, no read-modify-write.
         self._last_item_at = time.monotonic()
+        if finished.waiting is None:  # not the last finish of its pipeline: that one tells
+            return
         self._waiting[service] = finished.waiting
         if finished.waiting <= 0:
-            self._known_empty[service] = finished.last_index
+            self._known_empty.add(service)
 
 
 def _describe(plan: ServicePlan) -> str:

@@ -32,6 +32,8 @@ class App:
         self.waiters = Waiters(self.store, NewEntries(reader), self.channel)
         self.rate = RateLimiter(self.store)
         self.waits = WaitLimiter(settings.max_long_polls, settings.max_long_polls_per_service)
+        # Service -> when (monotonic) a sync put last found a live worker: sync.put_for_reply looks once a second.
+        self.workers_seen: dict[str, float] = {}
 
     def service(self, name: str) -> ServiceConfig:
         try:

@@ -24,22 +24,35 @@ from queue_service.protocol import CLIENT_CLOSED
 from queue_service.store.model import NoLiveWorker, PutResult
 from queue_service.store.queues import new_request_id
 
+# How often a sync put looks whether a worker is live, while one was (see put_for_reply).
+LIVE_LOOK_SECONDS = 1.0
+
 
 async def put_for_reply(request: Request, call: QueueCall, request_id: str, path: str) -> PutResult:
-    """Put a sync request: its answer goes to this process's reply stream (503 when no live worker serves it)."""
+    """Put a sync request: its answer goes to this process's reply stream (503 when no live worker serves it).
+
+    Whether a worker is live is a fact of seconds (a worker counts live until its heartbeat lapses, 5 s), so
+    the put looks at most once a second while workers are seen: one Redis command less per request."""
+    name, now = call.service.name, time.monotonic()
+    check_live = now - call.app.workers_seen.get(name, -LIVE_LOOK_SECONDS) >= LIVE_LOOK_SECONDS
     try:
-        return await call.app.store.put(
+        put = await call.app.store.put(
             call.qk,
             call.body,
             {},
             max_items=call.service.rpc.max_queue_size,
             reply_channel=call.app.channel,
+            check_live=check_live,
             request_id=request_id,
             content_type=request.headers.get("content-type", ""),
             path=path,
         )
     except NoLiveWorker:
-        raise ApiError(503, f"no healthy upstream: no live worker serves service {call.service.name!r}") from None
+        call.app.workers_seen.pop(name, None)
+        raise ApiError(503, f"no healthy upstream: no live worker serves service {name!r}") from None
+    if check_live:
+        call.app.workers_seen[name] = now
+    return put
 
 
 async def admit(request: Request, call: QueueCall) -> tuple[float, str, ServiceWaiters]:

@@ -116,9 +116,8 @@ class WorkerStore:
             sink_max_bytes=rules.sink_max_bytes,
         )
 
-    def wait_for_work(self, after: Mapping[str, int], seconds: float) -> None:
-        """An idle worker's wait: until one of these services' bells rings (a put), or `seconds` pass. `after`
-        (the last index the worker saw of each service) names the services.
+    def wait_for_work(self, services: Sequence[str], seconds: float) -> None:
+        """An idle worker's wait: until one of these services' bells rings (a put), or `seconds` pass.
 
         One XREADGROUP of the bells in the workers' group (NOACK: a ring needs no acknowledgement): each ring
         wakes one idle worker, where an XREAD of the input streams woke every idle worker for each put, and all
@@ -126,7 +125,7 @@ class WorkerStore:
         an item put after a worker last looked never goes unnoticed. On a cluster, one wait per slot
         (`_block_per_slot`)."""
         by_slot: dict[int, dict[Any, Any]] = {}
-        for service in after:
+        for service in services:
             bell = keys.bell(service)
             by_slot.setdefault(key_slot(bell.encode()) if self._cluster else 0, {})[bell] = ">"
         block_ms = max(1, int(seconds * 1000))
@@ -252,23 +251,28 @@ class WorkerStore:
     def finish_many(self, finishes: Sequence[Finish]) -> list[Finished | StoreError]:
         """Publish several outcomes in one round trip; per item its Finished, or NotHolder / ItemGone."""
         calls = self._finish_calls(finishes)
-        return self.scripts.run_many(calls, self.redis, wait=self._wait_for(finishes)) if calls else []
+        answers = self.scripts.run_many(calls, self.redis, wait=self._wait_for(finishes)) if calls else []
+        return _per_item(calls, answers)
 
     def finish_then_take(
         self, finishes: Sequence[Finish], service: str, rules: TakeRules, *, want: int = 1, claim: bool = False
     ) -> tuple[list[Finished | StoreError], Taken]:
         """`finish_many`, and the next take of `service` in the same round trip: a worker with a backlog
         spends one round trip per item instead of two. The finishes run first (a take never waits on them)."""
-        calls: list[scripts.Call[Any]] = [*self._finish_calls(finishes), self._take_call(service, rules, want, claim)]
+        finish_calls = self._finish_calls(finishes)
+        calls: list[scripts.Call[Any]] = [*finish_calls, self._take_call(service, rules, want, claim)]
         *finished, taken = self.scripts.run_many(calls, self.redis, wait=self._wait_for(finishes))
         if isinstance(taken, StoreError):  # take.lua has no refusal; a decode that fails is a bug, not an answer
             raise taken
-        return finished, taken
+        return _per_item(finish_calls, finished), taken
 
-    def _finish_calls(self, finishes: Sequence[Finish]) -> list[scripts.Call[Finished]]:
+    def _finish_calls(self, finishes: Sequence[Finish]) -> list[scripts.Call[list[Finished | StoreError]]]:
+        """Finish calls for these, in order: items in a row with the same keys (a chain's) share one call, and
+        only the last call of each service tells how many items wait."""
         now_ms = int(time.time() * 1000)
-        return [
-            scripts.finish(
+        runs: list[list[scripts.FinishPart]] = []
+        for f in finishes:
+            part = scripts.finish_part(
                 f.item,
                 f.outcome,
                 consumer=self.name,
@@ -277,8 +281,12 @@ class WorkerStore:
                 held=f.held,
                 inline_bytes=self.webhook_inline_bytes.get(f.item.service, 0),
             )
-            for f in finishes
-        ]
+            if runs and runs[-1][0].keys == part.keys:
+                runs[-1].append(part)
+            else:
+                runs.append([part])
+        last_of = {run[0].service: i for i, run in enumerate(runs)}
+        return [scripts.finish(run, count_waiting=last_of[run[0].service] == i) for i, run in enumerate(runs)]
 
     def _wait_for(self, finishes: Sequence[Finish]) -> tuple[int, int] | None:
         """The WAIT (replicas, timeout ms) that ends a pipeline of these finishes, if their services want one."""
@@ -380,3 +388,17 @@ class WorkerStore:
                 # A consumer with pending entries keeps them: dropping it would drop them from the group.
                 if int(consumer["pending"]) == 0 and int(consumer["idle"]) > idle_ms:
                     self.redis.xgroup_delconsumer(stream, WORKER_GROUP, consumer["name"])
+
+
+def _per_item(
+    calls: Sequence[scripts.Call[list[Finished | StoreError]]],
+    answers: Sequence[list[Finished | StoreError] | StoreError],
+) -> list[Finished | StoreError]:
+    """One answer per finished item, from the answers of calls that each finished one or several."""
+    per_item: list[Finished | StoreError] = []
+    for call, answer in zip(calls, answers, strict=True):
+        if isinstance(answer, StoreError):  # the whole call was refused: each of its items is
+            per_item += [answer] * ((len(call.args) - 1) // scripts.FINISH_ARGS_PER_ITEM)
+        else:
+            per_item += answer
+    return per_item

@@ -19,7 +19,8 @@ RELEASE_IDLE_MS = 10**12
 # The lapse a claim asks for right after a Redis restart, when idle times include the downtime and
 # cannot be trusted: only released items are that idle.
 RELEASED_ONLY_MS = RELEASE_IDLE_MS // 2
-# How long a sync answer waits in its API process's reply stream (that process is already waiting).
+# How long a sync answer waits in its API process's reply stream (that process is already waiting), and how
+# long the stream lives after that process's last heartbeat (every 3 s) renewed it.
 REPLY_TTL_MS = 60_000
 # What a lease renewal finds.
 LeaseState = Literal["held", "cancelled", "handed-over"]
@@ -168,8 +169,7 @@ class Finished:
     """A finish: the sink index written (0: none), and what the worker needs to know to go on without a take."""
 
     sink_index: int
-    waiting: int  # items of the service still waiting for a worker
-    last_index: int  # the last index given out in the input queue; 0 while any item waits
+    waiting: int | None  # items of the service still waiting for a worker (None: not asked)
 
 
 @dataclass(frozen=True, slots=True)

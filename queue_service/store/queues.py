@@ -19,6 +19,7 @@ from queue_service.store import keys, scripts
 from queue_service.store.durability import Durability, run_replicated_async
 from queue_service.store.keys import WORKER_GROUP, QueueKeys, QueueName
 from queue_service.store.model import (
+    REPLY_TTL_MS,
     ConsumerRow,
     Consumers,
     DataFrame,
@@ -107,6 +108,7 @@ class QueueStore:
         max_bytes: int = 0,
         priority: bool = False,
         reply_channel: str = "",
+        check_live: bool = True,
         request_id: str = "",
         path: str = "",
         content_type: str = "",
@@ -114,7 +116,8 @@ class QueueStore:
         hooks: str = "",
         idempotency_digest: str = "",
     ) -> PutResult:
-        """Append one item; QueueFull when the bound is reached, NoLiveWorker for a sync put without a worker.
+        """Append one item; QueueFull when the bound is reached, NoLiveWorker for a sync put without a worker
+        (looked at when `check_live`).
 
         `ttl_ms`: a deadline (ends it unrun if still waiting then); `hooks`: its webhook targets (JSON);
         `idempotency_digest`: an Idempotency-Key's sha256, whose first put answers again (`repeated`)."""
@@ -129,6 +132,7 @@ class QueueStore:
             max_items=max_items,
             max_bytes=max_bytes,
             reply_channel=reply_channel,
+            check_live=check_live,
             path=path,
             content_type=content_type,
             ttl_ms=ttl_ms,
@@ -381,12 +385,15 @@ class QueueStore:
     # --- API processes (the clients' direct mode) and watch consumers, for the attributes ------
 
     async def heartbeat_api(self, services: Sequence[str], member: str, ttl: float, *, prune: bool = False) -> None:
-        """Count this API process (`<host:port>/<channel>`) live for each service for the next `ttl` seconds;
+        """Count this API process (`<host:port>/<channel>`) live for each service for the next `ttl` seconds, and
+        renew the lifetime of its reply streams (a worker's answer then costs one command: finish.lua);
         `prune` also drops processes whose heartbeat lapsed a while ago."""
         now = time.time()
+        channel = member.rpartition("/")[2]
         async with self.redis.pipeline(transaction=False) as pipe:
             for service in services:
                 pipe.zadd(keys.api_processes(service), {member: now + ttl})
+                pipe.pexpire(keys.replies(service, channel), REPLY_TTL_MS)
                 if prune:
                     pipe.zremrangebyscore(keys.api_processes(service), "-inf", now - API_FORGET_SECONDS)
             await pipe.execute()

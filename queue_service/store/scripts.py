@@ -284,13 +284,15 @@ def put(
     max_items: int = 0,
     max_bytes: int = 0,
     reply_channel: str = "",
+    check_live: bool = True,
     path: str = "",
     content_type: str = "",
     ttl_ms: int = 0,
     hooks: str = "",
     idempotency_digest: str = "",
 ) -> Call[PutResult]:
-    """Append one item within the queue's bound; QueueFull past it, NoLiveWorker for a sync request without one.
+    """Append one item within the queue's bound; QueueFull past it, NoLiveWorker for a sync request without one
+    (when `check_live`).
 
     `ttl_ms`: the request's deadline from now; `hooks`: its webhook targets (JSON); `idempotency_digest`: the
     sha256 of an Idempotency-Key, whose first put's answer is returned (`repeated`) within its lifetime."""
@@ -319,7 +321,7 @@ def put(
             qk.seq,
             qk.ids,
             qk.counts,
-            keys.live_workers(qk.service) if reply_channel else qk.seq,
+            keys.live_workers(qk.service) if reply_channel and check_live else qk.seq,
             keys.deadlines(qk.service),
             keys.idempotency(qk.service, idempotency_digest) if idempotency_digest else qk.seq,
             qk.end,
@@ -335,7 +337,7 @@ def put(
             max_items,
             max_bytes,
             reply_channel,
-            now_ms / 1000,
+            now_ms / 1000 if reply_channel and check_live else "",
             path,
             content_type,
             ttl_ms,
@@ -390,9 +392,20 @@ def take(
 
 
 FINISH_NOT_HOLDER, FINISH_GONE = -1, -2
+FINISH_ARGS_PER_ITEM = 22  # finish.lua's PER
 
 
-def finish(
+@dataclass(frozen=True)
+class FinishPart:
+    """One item's share of a finish call: the call's KEYS (the same for every item of one call) and its ARGV."""
+
+    service: str
+    index: int
+    keys: list[str]
+    args: list[Arg]
+
+
+def finish_part(
     item: Item,
     outcome: Outcome,
     *,
@@ -401,8 +414,8 @@ def finish(
     processing_seconds: float = 0.0,
     held: bool = True,
     inline_bytes: int = 0,
-) -> Call[Finished]:
-    """Publish an item's outcome and remove it; NotHolder when the caller no longer holds it (ItemGone: nobody does).
+) -> FinishPart:
+    """An item's outcome to publish (and the item to remove); `finish` makes the call of one or several.
 
     A sync request's answer goes to its API process's reply stream, never to the sink. An async result with
     an empty body and status 200 writes nothing (users who deliver results elsewhere do this). `held=False`
@@ -420,17 +433,9 @@ def finish(
     tags = dict(item.tags, requestId=item.request_id)
     if outcome.status != 200:
         tags["lastCode"] = str(outcome.status)
-
-    def decode(raw: Any) -> Finished:
-        if not isinstance(raw, list):
-            if int(raw) == FINISH_GONE:
-                raise ItemGone(f"{item.service} #{item.index} is gone from the input queue")
-            raise NotHolder(f"{item.service} #{item.index} is held by another consumer now")
-        written, waiting, last_index = raw
-        return Finished(int(written), int(waiting), int(last_index))
-
-    return Call(
-        "finish",
+    return FinishPart(
+        item.service,
+        item.index,
         [
             item.stream,
             qi.ids,
@@ -439,7 +444,6 @@ def finish(
             qs.seq,
             qs.ids,
             keys.replies(item.service, item.reply_channel) if item.sync else qs.normal,
-            qi.seq,
             hooks.stream,
             hooks.requests,
         ],
@@ -467,8 +471,35 @@ def finish(
             item.index,
             "expired" if item.expired else "",
         ],
-        decode,
     )
+
+
+def finish(parts: Sequence[FinishPart], *, count_waiting: bool = True) -> Call[list[Finished | StoreError]]:
+    """Publish these outcomes and remove their items in one step (parts of one service with the same KEYS: a
+    chain's results); per item its Finished, or NotHolder when the caller no longer holds it (ItemGone: nobody
+    does). `count_waiting`: the last item's Finished tells how many items wait (asked of a pipeline's last
+    call only: the others' would be out of date at once)."""
+    if not parts or any(part.keys != parts[0].keys or len(part.args) != FINISH_ARGS_PER_ITEM for part in parts):
+        raise ValueError("one finish call takes one or more items with the same keys")
+
+    def decode(raw: Any) -> list[Finished | StoreError]:
+        waiting, written = raw
+        answers: list[Finished | StoreError] = []
+        for i, (part, index) in enumerate(zip(parts, written, strict=True)):
+            what = f"{part.service} #{part.index}"
+            if int(index) == FINISH_GONE:
+                answers.append(ItemGone(f"{what} is gone from the input queue"))
+            elif int(index) < 0:
+                answers.append(NotHolder(f"{what} is held by another consumer now"))
+            else:
+                last = i == len(parts) - 1 and int(waiting) >= 0
+                answers.append(Finished(int(index), int(waiting) if last else None))
+        return answers
+
+    args: list[Arg] = ["1" if count_waiting else "0"]
+    for part in parts:
+        args += part.args
+    return Call("finish", parts[0].keys, args, decode)
 
 
 def decode_reply(fields: dict[bytes, bytes]) -> Reply:

@@ -60,7 +60,9 @@ def every_call(service: str) -> Iterator[scripts.Call[Any]]:
     yield scripts.take(service, consumer="w", want=1, lease_ms=1, max_delivery=3, sink_max_items=9, sink_max_bytes=9)
     for sync in (False, True):
         for body in (b"", b"x"):
-            yield scripts.finish(_item(service, sync=sync), Outcome(body), consumer="w", now_ms=1)
+            yield scripts.finish(
+                [scripts.finish_part(_item(service, sync=sync), Outcome(body), consumer="w", now_ms=1)]
+            )
     yield scripts.lease(qi.normal, ["1-0"], group=WORKER_GROUP, consumer="w")
     yield scripts.reconcile(service)
     yield scripts.status(service, "r")
@@ -154,9 +156,12 @@ def _exercise_every_script(client: redis.Redis, service: str) -> None:
             restart_guard=False,
         )
     )
-    for item in held:
-        attempt(scripts.finish(item, Outcome(b"done"), consumer="w", now_ms=now))
-    attempt(scripts.finish(held[0], Outcome(b"", 499), consumer="w", now_ms=now, held=False))
+    parts = [scripts.finish_part(item, Outcome(b"done"), consumer="w", now_ms=now) for item in held]
+    attempt(scripts.finish([part for part in parts if part.keys == parts[0].keys]))  # a chain's, in one call
+    for part in parts:
+        if part.keys != parts[0].keys:
+            attempt(scripts.finish([part]))
+    attempt(scripts.finish([scripts.finish_part(held[0], Outcome(b"", 499), consumer="w", now_ms=now, held=False)]))
     attempt(scripts.read(qs, start=1, length=5, max_bytes=10**6, reserve_token="t", now_ms=now, reserve_ms=1000))
     for mode, values in (("reserved", [1]), ("release", [2]), ("indexes", [2]), ("below", [3, 100])):
         attempt(scripts.remove(qs, mode, values, now_ms=now, token="t"))

@@ -550,9 +550,27 @@ async def test_finish_writes_the_result_to_the_sink_and_removes_the_input(
     assert_counts_true(client)
 
 
-async def test_a_finish_tells_what_waits_and_the_last_index_only_when_nothing_does(
-    store: QueueStore, worker: WorkerStore
+async def test_a_chains_results_go_in_one_call_and_only_the_items_still_held_are_published(
+    store: QueueStore, worker: WorkerStore, other_worker: WorkerStore, client: redis.Redis
 ) -> None:
+    await put_many(store, 5)
+    chain = worker.take(SERVICE, RULES, want=4).items
+    worker.release(chain[1])  # its lease handed on: another worker holds it now
+    assert take_one(other_worker, claim=True).index == chain[1].index
+    client.script_load(worker.scripts.source_of("finish"))  # known to Redis, as after any earlier finish
+    before = client.info("commandstats")["cmdstat_evalsha"]["calls"]
+
+    answers = worker.finish_many([Finish(item, Outcome(f"r{item.index}".encode())) for item in chain])
+
+    assert client.info("commandstats")["cmdstat_evalsha"]["calls"] - before == 1  # one call for the chain
+    assert [type(a).__name__ for a in answers] == ["Finished", "NotHolder", "Finished", "Finished"]
+    assert [a.waiting for a in answers if isinstance(a, Finished)] == [None, None, 1]  # the last one tells
+    assert [r.data for r in await frames_in(store, SINK)] == [b"r1", b"r3", b"r4"]
+    assert await indexes_in(store) == [2, 5]  # the item the other worker holds, and the one left waiting
+    assert_counts_true(client)
+
+
+async def test_a_finish_tells_how_many_items_wait(store: QueueStore, worker: WorkerStore) -> None:
     await put_many(store, 3)
     first, second = worker.take(SERVICE, RULES, want=2).items
 
@@ -560,8 +578,7 @@ async def test_a_finish_tells_what_waits_and_the_last_index_only_when_nothing_do
     worker.take(SERVICE, RULES)
     with_none_waiting = worker.finish(second, Outcome(b"two"))
 
-    assert (with_one_waiting.waiting, with_one_waiting.last_index) == (1, 0)
-    assert (with_none_waiting.waiting, with_none_waiting.last_index) == (0, 3)
+    assert (with_one_waiting.waiting, with_none_waiting.waiting) == (1, 0)
 
 
 async def test_a_finish_can_take_the_next_item_in_its_round_trip(
@@ -569,6 +586,9 @@ async def test_a_finish_can_take_the_next_item_in_its_round_trip(
 ) -> None:
     await put_many(store, 2)
     first = take_one(worker)
+    # As on a Redis that ran a finish before (alone, this test would meet a Redis that knows no finish.lua:
+    # the take runs, and the finish is loaded and sent again after it).
+    client.script_load(worker.scripts.source_of("finish"))
 
     [finished], taken = worker.finish_then_take([Finish(first, Outcome(b"one"))], SERVICE, RULES)
 
@@ -576,7 +596,7 @@ async def test_a_finish_can_take_the_next_item_in_its_round_trip(
     assert [(item.index, item.deliveries) for item in taken.items] == [(2, 1)]
     assert [r.data for r in await frames_in(store, SINK)] == [b"one"]
     [finished], taken = worker.finish_then_take([Finish(taken.items[0], Outcome(b"two"))], SERVICE, RULES)
-    assert (finished.waiting, finished.last_index, taken.items, taken.last_index) == (0, 2, [], 2)
+    assert (finished.waiting, taken.items, taken.last_index) == (0, [], 2)
     assert_counts_true(client)
 
 
@@ -1390,11 +1410,11 @@ async def test_an_idle_worker_wakes_at_once_for_an_item_put_since_it_last_looked
     await put_many(store, 1)  # no worker waited: its ring waits for the first one that does
 
     started = time.monotonic()
-    worker.wait_for_work({SERVICE: 0}, seconds=10)
+    worker.wait_for_work([SERVICE], seconds=10)
     assert time.monotonic() - started < 8
 
     started = time.monotonic()
-    worker.wait_for_work({SERVICE: 1}, seconds=0.2)
+    worker.wait_for_work([SERVICE], seconds=0.2)
     assert time.monotonic() - started >= 0.15
 
 
@@ -1404,7 +1424,7 @@ async def test_one_put_wakes_one_idle_worker_and_the_next_put_the_other(
     woken: list[str] = []
 
     def wait(store_of: WorkerStore) -> None:
-        store_of.wait_for_work({SERVICE: 0}, seconds=8)
+        store_of.wait_for_work([SERVICE], seconds=8)
         woken.append(store_of.name)
 
     threads = [threading.Thread(target=wait, args=(w,), daemon=True) for w in (worker, other_worker)]

@@ -14,6 +14,7 @@
 local kind, mode, group, now_ms, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local CANCELLED_WAITING = 'cancelled: deleted from the input queue before any worker started it'
 local removed = 0
+local B = new_removals()
 
 local function queue(i)
   return {stream = KEYS[i], ids = KEYS[3], counts = KEYS[4], kind = kind, high = i == 1}
@@ -29,13 +30,14 @@ if mode == 'below' then
   for i = 1, 2 do
     local page = redis.call('XRANGE', KEYS[i], '-', '(' .. sid(ARGV[6]), 'COUNT', step - removed)
     for _, e in ipairs(page) do
-      removed = removed + remove_item(queue(i), e[1], fields_of(e[2]), group, now_ms)
+      removed = removed + remove_item(queue(i), e[1], fields_of(e[2]), group, now_ms, false, B)
     end
     if removed >= step then
       more = 1
       break
     end
   end
+  flush_removals(B)
   return {removed, more}
 end
 
@@ -54,7 +56,7 @@ for j = 6, #ARGV do
       if f then
         local held = (mode == 'waiting' or mode == 'cancel') and owner_of(KEYS[i], WORKER_GROUP, id)
         if not (mode == 'waiting' and held) then
-          removed = removed + remove_item(queue(i), id, f, group, now_ms)
+          removed = removed + remove_item(queue(i), id, f, group, now_ms, false, B)
         end
         if mode == 'cancel' and not held and f['rid'] and not f['reply'] then
           redis.call('HSET', KEYS[6], f['rid'], '-' .. now_ms .. ':499')
@@ -67,4 +69,5 @@ for j = 6, #ARGV do
     end
   end
 end
+flush_removals(B)
 return {removed, 0}

@@ -451,7 +451,19 @@ class Bench:
             for _ in range(n):
                 assert queue.enqueue(jobs.noop).latest_result(timeout=30) is not None
 
-        self._cost_rows("sync, 1 client", measured(ours), measured(plain), n)
+        sync_cost = measured(ours)
+        self._cost_rows("sync, 1 client", sync_cost, measured(plain), n)
+        # The floor under the sync row: what a round trip costs Redis on this machine before any work.
+        sync = sync_cost.per(n)
+        self.report.add(
+            "5",
+            "sync, 1 client: Redis CPU per round trip",
+            "µs",
+            sync["redis_cpu_us"] / max(sync["round_trips"], 1e-9),
+            "a bare PING round trip",
+            redis_cost.round_trip(self.redis),
+            "lower",
+        )
 
     def _cost_rows(self, label: str, ours: redis_cost.Cost, plain: redis_cost.Cost, n: int) -> None:
         o, p = ours.per(n), plain.per(n)

@@ -163,6 +163,7 @@ class QueueWorker(SimpleWorker):
             self.name,
             durability=durability(self.services),
             webhook_inline_bytes={s.name: s.webhook.max_result_bytes for s in self.services if s.webhook is not None},
+            lease_seconds={s.name: s.queue.lease_seconds for s in self.services},
         )
         self.timings = TimingCounts()
         # What running requests stream (generator processors, progress) goes to Redis from one thread.

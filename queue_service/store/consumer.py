@@ -90,6 +90,7 @@ class WorkerStore:
         *,
         durability: Durability | None = None,
         webhook_inline_bytes: Mapping[str, int] | None = None,
+        lease_seconds: Mapping[str, float] | None = None,
     ) -> None:
         self.redis = redis
         self.name = name
@@ -100,6 +101,8 @@ class WorkerStore:
         self.durability = dict(durability or {})
         # Per service: results up to this size go into their webhook deliveries (larger ones: a link).
         self.webhook_inline_bytes = dict(webhook_inline_bytes or {})
+        # Per service: its lease. An item finished within half of it from its take skips the holder check.
+        self.lease_seconds = dict(lease_seconds or {})
 
     def take(self, service: str, rules: TakeRules, *, want: int = 1, claim: bool = False) -> Taken:
         """Up to `want` items; `claim` also takes items whose lease lapsed (asked periodically, not per take)."""
@@ -269,7 +272,7 @@ class WorkerStore:
     def _finish_calls(self, finishes: Sequence[Finish]) -> list[scripts.Call[list[Finished | StoreError]]]:
         """Finish calls for these, in order: items in a row with the same keys (a chain's) share one call, and
         only the last call of each service tells how many items wait."""
-        now_ms = int(time.time() * 1000)
+        now_ms, now = int(time.time() * 1000), time.monotonic()
         runs: list[list[scripts.FinishPart]] = []
         for f in finishes:
             part = scripts.finish_part(
@@ -279,6 +282,7 @@ class WorkerStore:
                 now_ms=now_ms,
                 processing_seconds=f.processing_seconds,
                 held=f.held,
+                fresh=now - f.item.taken_monotonic < self.lease_seconds.get(f.item.service, 0.0) / 2,
                 inline_bytes=self.webhook_inline_bytes.get(f.item.service, 0),
             )
             if runs and runs[-1][0].keys == part.keys:

@@ -112,6 +112,8 @@ class Item:
     content_type: str = ""  # the put's Content-Type, as the client sent it ("" when it sent none)
     hooks: str = ""  # its webhook targets (JSON, queue_service/webhooks/targets.py); "" when none
     taken_at: float = field(default_factory=time.time)
+    # When this worker took it (monotonic): a finish within half a lease of it needs no holder check.
+    taken_monotonic: float = field(default_factory=time.monotonic)
 
     @property
     def sync(self) -> bool:

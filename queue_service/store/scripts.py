@@ -18,6 +18,7 @@ from functools import cache
 from importlib import resources
 from typing import Any, Generic, TypeVar
 
+import msgpack
 from redis.exceptions import ClusterError, NoScriptError, TryAgainError
 
 from queue_service.store import keys
@@ -208,6 +209,11 @@ class Scripts:
         await self._scripts[call.script](keys=call.keys, args=call.args, client=pipeline)
 
 
+def unpacked(raw: bytes) -> Any:
+    """A script's answer packed by lib.lua's `packed`: lists, bytes and ints, as a RESP array reply would be."""
+    return msgpack.unpackb(raw, raw=True)
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -371,7 +377,7 @@ def take(
     qi = keys.input_queue(service)
 
     def decode(raw: Any) -> Taken:
-        sink_full, last_index, taken = raw
+        sink_full, last_index, taken = unpacked(raw)
         return Taken([item_from_entry(service, t) for t in taken], bool(int(sink_full)), int(last_index))
 
     hooks = keys.webhooks(service)
@@ -413,14 +419,17 @@ def finish_part(
     now_ms: int,
     processing_seconds: float = 0.0,
     held: bool = True,
+    fresh: bool = False,
     inline_bytes: int = 0,
 ) -> FinishPart:
     """An item's outcome to publish (and the item to remove); `finish` makes the call of one or several.
 
     A sync request's answer goes to its API process's reply stream, never to the sink. An async result with
     an empty body and status 200 writes nothing (users who deliver results elsewhere do this). `held=False`
-    publishes for an item that is gone already: the terminal answer of a cancelled request. The request's
-    `completed` webhooks are enqueued in the same step, with the result in them up to `inline_bytes`.
+    publishes for an item that is gone already: the terminal answer of a cancelled request. `fresh`: the caller
+    took the held item less than half a lease ago, so no other worker can hold it, and the script's holder
+    check is its acknowledgement (one command less). The request's `completed` webhooks are enqueued in the
+    same step, with the result in them up to `inline_bytes`.
     """
     qi, qs = keys.input_queue(item.service), keys.sink_queue(item.service)
     hooks = keys.webhooks(item.service)
@@ -450,7 +459,7 @@ def finish_part(
         [
             consumer,
             item.entry_id,
-            "1" if held else "0",
+            ("2" if fresh else "1") if held else "0",
             mode,
             item.request_id,
             outcome.body,
@@ -483,7 +492,7 @@ def finish(parts: Sequence[FinishPart], *, count_waiting: bool = True) -> Call[l
         raise ValueError("one finish call takes one or more items with the same keys")
 
     def decode(raw: Any) -> list[Finished | StoreError]:
-        waiting, written = raw
+        waiting, written = unpacked(raw)
         answers: list[Finished | StoreError] = []
         for i, (part, index) in enumerate(zip(parts, written, strict=True)):
             what = f"{part.service} #{part.index}"
@@ -560,7 +569,7 @@ def read(
     """Items from index `start` (or the item of `request_id`); `reserve_token` reserves them for an auto-delete."""
 
     def decode(raw: Any) -> Read:
-        last_index, entries, _removed = raw
+        last_index, entries, _removed = unpacked(raw)
         return Read([frame_from_entry(entry_id, flat) for entry_id, flat in entries], int(last_index))
 
     return Call(
@@ -730,7 +739,8 @@ def deliver(
     """Up to `want` items for a watch consumer (lapsed ones of its group first when `lease_ms` > 0); None: no group.
     With `watch_end`, a delivery of nothing also tells the queue's end of stream."""
 
-    def decode(raw: Any) -> WatchDelivery | None:
+    def decode(packed: Any) -> WatchDelivery | None:
+        raw = unpacked(packed)
         if _text(raw[0]) == "nogroup":
             return None
         frames = [frame_from_entry(entry_id, flat) for _stream, entry_id, flat in raw[1]]

@@ -11,6 +11,7 @@ import dataclasses
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -35,6 +36,7 @@ from queue_service.store.model import (
     NotHolder,
     Outcome,
     QueueFull,
+    StoreError,
     TooManyGroups,
 )
 from queue_service.store.queues import QueueStore
@@ -567,6 +569,55 @@ async def test_a_chains_results_go_in_one_call_and_only_the_items_still_held_are
     assert [a.waiting for a in answers if isinstance(a, Finished)] == [None, None, 1]  # the last one tells
     assert [r.data for r in await frames_in(store, SINK)] == [b"r1", b"r3", b"r4"]
     assert await indexes_in(store) == [2, 5]  # the item the other worker holds, and the one left waiting
+    assert_counts_true(client)
+
+
+def commands_during(client: redis.Redis, names: list[str], action: Callable[[], object]) -> dict[str, int]:
+    """How many times Redis ran each named command (inside scripts too) while `action` ran."""
+
+    def calls() -> dict[str, int]:
+        stats = client.info("commandstats")
+        return {name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in names}
+
+    before = calls()
+    action()
+    return {name: count - before[name] for name, count in calls().items()}
+
+
+async def test_a_finish_soon_after_the_take_needs_no_holder_check_and_still_sees_a_cancel(
+    store: QueueStore, client: redis.Redis
+) -> None:
+    # Within half a lease of its take no other worker can have claimed the item: the XACK is the check.
+    fresh = WorkerStore(client, "worker-1", lease_seconds={SERVICE: 3600})
+    await put_many(store, 2)
+    kept, cancelled = fresh.take(SERVICE, RULES, want=2).items
+    await store.cancel(SERVICE, [cancelled.index])  # removed while held: its worker writes the terminal answer
+
+    answers: list[Finished | StoreError] = []
+    finishes = [Finish(kept, Outcome(b"one")), Finish(cancelled, Outcome(b"two"))]
+    used = commands_during(client, ["xpending", "xack"], lambda: answers.extend(fresh.finish_many(finishes)))
+
+    assert [type(a).__name__ for a in answers] == ["Finished", "ItemGone"]
+    assert used == {"xpending": 0, "xack": 2}
+    assert [r.data for r in await frames_in(store, SINK)] == [b"one"]
+    assert await frames_in(store) == []
+    assert_counts_true(client)
+
+
+async def test_a_finish_late_in_its_lease_checks_the_holder(
+    store: QueueStore, worker: WorkerStore, other_worker: WorkerStore, client: redis.Redis
+) -> None:
+    late = WorkerStore(client, "worker-1", lease_seconds={SERVICE: 0.2})
+    await put_many(store, 1)
+    item = late.take(SERVICE, RULES).items[0]
+    late.release(item)  # as if its lease lapsed: another worker takes it over
+    assert take_one(other_worker, claim=True).index == item.index
+    time.sleep(0.15)  # past half its lease
+
+    with pytest.raises(NotHolder):
+        late.finish(item, Outcome(b"stale"))
+
+    assert await frames_in(store, SINK) == []
     assert_counts_true(client)
 
 

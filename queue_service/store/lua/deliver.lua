@@ -7,8 +7,8 @@
 -- KEYS: high, normal, end (the queue's end-of-stream marker)
 -- ARGV: group, consumer, want, lease_ms (0: no lapsed items), restart_guard_ms (''), tag_filter_json (''),
 --       max_bytes, watch_end (1|0)
--- Returns {'ok', {{stream, id, fields}...}[, end index (-1: open), 1 while items put before the end are left]},
--- or {'nogroup'} when the group is gone (it was evicted).
+-- Returns, packed (lib.lua), {'ok', {{stream, id, fields}...}[, end index (-1: open), 1 while items put
+-- before the end are left]}, or {'nogroup'} when the group is gone (it was evicted).
 local group, consumer, want = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local lease, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[7])
 local filter = nil
@@ -36,7 +36,7 @@ if lease > 0 then
   for i = 1, 2 do
     while #out < want and bytes < max_bytes do
       local p = redis.pcall('XPENDING', KEYS[i], group, 'IDLE', lease, '-', '+', 1)
-      if p['err'] then return {'nogroup'} end
+      if p['err'] then return packed({'nogroup'}) end
       if #p == 0 then break end
       local c = redis.call('XCLAIM', KEYS[i], group, consumer, lease, p[1][1])
       if #c > 0 and c[1] then
@@ -56,15 +56,15 @@ for i = 1, 2 do
     if #out >= want or bytes >= max_bytes then break end
     local count = math.min(want - #out, PAGE)
     local r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', KEYS[i], '>')
-    if type(r) == 'table' and r['err'] then return {'nogroup'} end
+    if type(r) == 'table' and r['err'] then return packed({'nogroup'}) end
     if not r then break end
     for _, e in ipairs(r[1][2]) do wanted(KEYS[i], e) end
   end
 end
-if #out > 0 or ARGV[8] ~= '1' then return {'ok', out} end
+if #out > 0 or ARGV[8] ~= '1' then return packed({'ok', out}) end
 local ended = redis.call('GET', KEYS[3])
-if not ended then return {'ok', out, -1, 0} end
+if not ended then return packed({'ok', out, -1, 0}) end
 for i = 1, 2 do
-  if #redis.call('XRANGE', KEYS[i], '-', sid(ended), 'COUNT', 1) > 0 then return {'ok', out, ended, 1} end
+  if #redis.call('XRANGE', KEYS[i], '-', sid(ended), 'COUNT', 1) > 0 then return packed({'ok', out, ended, 1}) end
 end
-return {'ok', out, ended, 0}
+return packed({'ok', out, ended, 0})

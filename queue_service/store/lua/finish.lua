@@ -7,12 +7,13 @@
 -- KEYS: in_stream, in_ids, counts, sink_normal, sink_seq, sink_ids, replies (the API process's reply
 --       stream, which that process keeps alive; any key of the service when the answer goes to the sink),
 --       webhooks stream, webhooks requests
--- ARGV: count (1|0: tell how many items wait), then for each item: consumer, id, held (1|0),
+-- ARGV: count (1|0: tell how many items wait), then for each item: consumer, id, held (1: held, 2: held
+--       and taken less than half a lease ago, 0: gone already),
 --       mode (sink|reply|none), rid, data, tags_json, ts_ms, message, status, content_type, queue_wait,
 --       processing, reply_ttl_ms, reply_maxlen, hooks ('' or the item's targets), inline (1|0: the result
 --       goes into the deliveries), put_ms, started_ms, deliveries, index, ending ('' or 'expired')
 -- The `completed` deliveries of an async request are enqueued in this same step: a crash cannot lose them.
--- Returns {items still waiting (-1: not asked), {per item: the sink index written (0: none), or -1 when
+-- Returns, packed (lib.lua), {items still waiting (-1: not asked), {per item: the sink index written (0: none), or -1 when
 -- another consumer holds the item now, -2 when it is gone (removed while held: cancelled, or finished by a
 -- worker that took it over)}}: a worker that sees none waiting waits for a put without another take.
 local PER = 22
@@ -20,8 +21,17 @@ local B = new_removals()
 local answers = {}
 
 local function finish_one(A)
-  local consumer, id, held, mode, rid, data = A[1], A[2], A[3] == '1', A[4], A[5], A[6]
-  if held then
+  local consumer, id, held, mode, rid, data = A[1], A[2], A[3] ~= '0', A[4], A[5], A[6]
+  local acked = false
+  if A[3] == '2' then
+    -- Taken less than half a lease ago: no other worker can have claimed it (a claim needs a lapsed lease or
+    -- a release), so if the group still has it pending, the caller holds it: the acknowledgement is the check.
+    if redis.call('XACK', KEYS[1], WORKER_GROUP, id) == 0 then
+      if #redis.call('XRANGE', KEYS[1], id, id) == 0 then return -2 end
+      return -1
+    end
+    acked = true
+  elseif held then
     local owner = owner_of(KEYS[1], WORKER_GROUP, id)
     if owner ~= consumer then
       if owner == nil and #redis.call('XRANGE', KEYS[1], id, id) == 0 then return -2 end
@@ -57,7 +67,7 @@ local function finish_one(A)
     redis.call('HSET', KEYS[6], rid, '-' .. A[8] .. ':' .. A[10])
   end
   if held then
-    local Q = {stream = KEYS[1], ids = KEYS[2], counts = KEYS[3], kind = 'input', held = true}
+    local Q = {stream = KEYS[1], ids = KEYS[2], counts = KEYS[3], kind = 'input', held = true, acked = acked}
     local f = {rid = rid}
     if mode == 'reply' then f['reply'] = '1' end
     -- The room the held item took is now its stored result's; else it is given back.
@@ -84,5 +94,5 @@ for base = 1, #ARGV - 1, PER do
   answers[#answers + 1] = finish_one({unpack(ARGV, base + 1, base + PER)})
 end
 flush_removals(B)
-if ARGV[1] ~= '1' then return {-1, answers} end
-return {num(redis.call('HGET', KEYS[3], 'waiting')), answers}
+if ARGV[1] ~= '1' then return packed({-1, answers}) end
+return packed({num(redis.call('HGET', KEYS[3], 'waiting')), answers})

@@ -2,6 +2,13 @@
 -- KEYS and ARGV in its header; its Python wrapper, of the same name, builds them. Index arguments come as
 -- decimal strings and stay strings: Lua numbers print 1e14 as "1e+14", which is no stream id.
 
+-- A script's answer as one MessagePack string (decoded by scripts.unpacked): Redis 6.2 writes a nested
+-- array reply in one write(2) per part (a take of 4 items: 10 or more, each a trip through the TCP stack),
+-- a string in one. A Lua number that is whole packs as an integer.
+local function packed(reply)
+  return cmsgpack.pack(reply)
+end
+
 local function fields_of(flat)
   local t = {}
   for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
@@ -79,7 +86,7 @@ local function flush_removals(B)
   local removed = 0
   for _, stream in ipairs(B.order) do
     local s = B.streams[stream]
-    if s.group then in_steps('XACK', stream, s.ids, 500, s.group) end
+    if s.group then in_steps('XACK', stream, s.acks, 500, s.group) end
     removed = removed + in_steps('XDEL', stream, s.ids, 500)
   end
   for key, values in pairs(B.ids) do in_steps('HSET', key, values, 1000) end
@@ -92,22 +99,24 @@ local function flush_removals(B)
   return removed
 end
 
--- Gathers entry `id` of `stream` (acknowledged in `group` too, when given); false when gathered already.
-local function gather(B, stream, id, group)
+-- Gathers entry `id` of `stream` (acknowledged in `group` too, when given and not `acked` already); false
+-- when gathered already.
+local function gather(B, stream, id, group, acked)
   if B.seen[stream .. ' ' .. id] then return false end
   B.seen[stream .. ' ' .. id] = true
   local s = B.streams[stream]
   if not s then
-    s = {ids = {}, group = group}
+    s = {ids = {}, acks = {}, group = group}
     B.streams[stream] = s
     B.order[#B.order + 1] = stream
   end
   s.ids[#s.ids + 1] = id
+  if not acked then s.acks[#s.acks + 1] = id end
   return true
 end
 
 -- Remove one item for good and keep the counters true. Q = {stream, ids, counts, kind ('input'|'sink'),
--- high (bool), held (bool: the caller holds it)}. Input: the workers' group forgets it: a held item gives
+-- high (bool), held (bool: the caller holds it), acked (bool: and acknowledged it already)}. Input: the workers' group forgets it: a held item gives
 -- back the sink room its result had (unless `room_used`: its result is written), an item no worker held was
 -- waiting. Sink: its room and bytes are freed, and its request id remembers when it went and how it ended
 -- (`-<ms>:<status>`). `group`, a client group, forgets it too; other client groups find it gone when they
@@ -131,7 +140,7 @@ local function remove_item(Q, id, f, group, now_ms, room_used, B)
   local flush = B == nil
   B = B or new_removals()
   if Q.kind == 'input' then
-    if not gather(B, Q.stream, id, WORKER_GROUP) then return 0 end
+    if not gather(B, Q.stream, id, WORKER_GROUP, Q.acked) then return 0 end
     if f['rid'] then
       B.gone_ids[Q.ids] = B.gone_ids[Q.ids] or {}
       table.insert(B.gone_ids[Q.ids], f['rid'])

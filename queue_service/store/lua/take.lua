@@ -9,8 +9,8 @@
 -- KEYS: high, normal, counts, seq, webhooks stream, webhooks requests
 -- ARGV: consumer, want, lease_ms (0: no lapsed items), max_delivery (0: no limit), sink_max_items (0: none),
 --       sink_max_bytes (0: none), restart_guard_ms ('': none)
--- Returns {sink_full (1|0), last index given out (0 unless nothing was taken), {{stream, id, fields,
---          deliveries, ending (0: run it, 1: exhausted, 2: expired)}...}}.
+-- Returns, packed (lib.lua), {sink_full (1|0), last index given out (0 unless nothing was taken), {{stream,
+--          id, fields, deliveries, ending (0: run it, 1: exhausted, 2: expired)}...}}.
 local consumer, want = ARGV[1], tonumber(ARGV[2])
 local lease, max_delivery = tonumber(ARGV[3]), tonumber(ARGV[4])
 local sink_max, sink_max_bytes = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -96,4 +96,4 @@ end
 
 local last = 0
 if #taken == 0 then last = num(redis.call('GET', KEYS[4])) end
-return {sink_full, last, taken}
+return packed({sink_full, last, taken})

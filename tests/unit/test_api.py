@@ -24,6 +24,7 @@ from fastapi import FastAPI
 
 from queue_service.api import create_app
 from queue_service.api import stream as stream_module
+from queue_service.api import sync as sync_module
 from queue_service.config import ServicesFile, Settings, parse_services
 from queue_service.embedded_redis import free_port
 from queue_service.protocol import GID_HEADER, INDEX_HEADER, LAST_CODE_HEADER, REQUEST_ID_HEADER
@@ -882,6 +883,32 @@ async def test_sync_is_answered_with_the_workers_status_and_type(
     assert uuid.UUID(response.headers[REQUEST_ID_HEADER])
     assert await indexes(client, f"{ECHO}/sink") == []  # a sync answer never reaches the sink
     assert_counts_true(sync_client)
+
+
+async def test_sync_puts_look_for_a_live_worker_once_a_second_while_one_is_seen(
+    client: httpx.AsyncClient, worker: WorkerStore, sync_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sync_module, "LIVE_LOOK_SECONDS", 600.0)  # "a second" that no slow machine outlasts
+    worker.heartbeat(["echo"], ttl=30)
+    rules = take_rules(SERVICES.by_name["echo"])
+
+    async def serve(count: int) -> None:
+        for _ in range(count):
+            while not (taken := worker.take("echo", rules)).items:
+                await asyncio.sleep(0.01)
+            worker.finish(taken.items[0], Outcome(taken.items[0].data))
+
+    async def ask(count: int) -> list[int]:
+        return [(await client.post(f"{ECHO}/sync", content=b"q", headers=AUTH)).status_code for _ in range(count)]
+
+    def looks() -> int:
+        return int(sync_client.info("commandstats").get("cmdstat_zcount", {}).get("calls", 0))
+
+    before = looks()
+    statuses, _ = await asyncio.gather(ask(3), asyncio.wait_for(serve(3), 20))
+
+    assert statuses == [200, 200, 200]
+    assert looks() - before == 1  # the first put looked; the next two trusted it
 
 
 async def test_sync_past_keepalive_is_408_and_the_request_is_withdrawn(

@@ -274,6 +274,27 @@ async def test_a_sync_put_needs_a_live_worker(store: QueueStore, worker: WorkerS
     assert_counts_true(client)
 
 
+async def test_a_sync_put_told_not_to_look_for_a_live_worker_is_accepted_without_one(
+    store: QueueStore, client: redis.Redis
+) -> None:
+    # The API looks once a second (api/sync.py); the puts in between trust that look.
+    put = await store.put(IN, b"question", {}, max_items=10, reply_channel=CHANNEL, check_live=False)
+
+    assert await indexes_in(store) == [put.index]
+    assert_counts_true(client)
+
+
+async def test_an_api_heartbeat_keeps_its_reply_streams_alive(store: QueueStore, client: redis.Redis) -> None:
+    # Workers answer into the stream with one XADD (NOMKSTREAM) and leave its lifetime to its API process.
+    stream = keys.replies(SERVICE, CHANNEL)
+    client.xadd(stream, {"rid": "r"})
+    client.pexpire(stream, 1000)  # about to lapse
+
+    await store.heartbeat_api([SERVICE], f"10.0.0.5:8000/{CHANNEL}", ttl=30)
+
+    assert REPLY_TTL_MS - 5000 < client.pttl(stream) <= REPLY_TTL_MS
+
+
 async def test_a_sync_put_is_refused_when_every_worker_heartbeat_lapsed(store: QueueStore, worker: WorkerStore) -> None:
     worker.heartbeat([SERVICE], ttl=-1)
 

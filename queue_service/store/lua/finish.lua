@@ -13,12 +13,18 @@
 --       processing, reply_ttl_ms, reply_maxlen, hooks ('' or the item's targets), inline (1|0: the result
 --       goes into the deliveries), put_ms, started_ms, deliveries, index, ending ('' or 'expired')
 -- The `completed` deliveries of an async request are enqueued in this same step: a crash cannot lose them.
--- Returns, packed (lib.lua), {items still waiting (-1: not asked), {per item: the sink index written (0: none), or -1 when
--- another consumer holds the item now, -2 when it is gone (removed while held: cancelled, or finished by a
--- worker that took it over)}}: a worker that sees none waiting waits for a put without another take.
+-- Returns, packed (lib.lua), {items still waiting (-1: not asked), {per item: the sink index written (0:
+-- none), or -1 when another consumer holds the item now, -2 when it is gone (removed while held: cancelled, or
+-- finished by a worker that took it over)}}: a worker that sees none waiting waits for a put without a take.
 local PER = 22
 local B = new_removals()
 local answers = {}
+
+-- The answer for an item the caller does not hold: -2 when it is gone from the stream, else -1.
+local function not_held(id)
+  if #redis.call('XRANGE', KEYS[1], id, id) == 0 then return -2 end
+  return -1
+end
 
 local function finish_one(A)
   local consumer, id, held, mode, rid, data = A[1], A[2], A[3] ~= '0', A[4], A[5], A[6]
@@ -26,17 +32,12 @@ local function finish_one(A)
   if A[3] == '2' then
     -- Taken less than half a lease ago: no other worker can have claimed it (a claim needs a lapsed lease or
     -- a release), so if the group still has it pending, the caller holds it: the acknowledgement is the check.
-    if redis.call('XACK', KEYS[1], WORKER_GROUP, id) == 0 then
-      if #redis.call('XRANGE', KEYS[1], id, id) == 0 then return -2 end
-      return -1
-    end
+    if redis.call('XACK', KEYS[1], WORKER_GROUP, id) == 0 then return not_held(id) end
     acked = true
   elseif held then
     local owner = owner_of(KEYS[1], WORKER_GROUP, id)
-    if owner ~= consumer then
-      if owner == nil and #redis.call('XRANGE', KEYS[1], id, id) == 0 then return -2 end
-      return -1
-    end
+    if owner ~= nil and owner ~= consumer then return -1 end
+    if owner == nil then return not_held(id) end
   end
   local out, stored = 0, false
   if mode == 'reply' then

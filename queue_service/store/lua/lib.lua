@@ -116,13 +116,13 @@ local function gather(B, stream, id, group, acked)
 end
 
 -- Remove one item for good and keep the counters true. Q = {stream, ids, counts, kind ('input'|'sink'),
--- high (bool), held (bool: the caller holds it), acked (bool: and acknowledged it already)}. Input: the workers' group forgets it: a held item gives
--- back the sink room its result had (unless `room_used`: its result is written), an item no worker held was
--- waiting. Sink: its room and bytes are freed, and its request id remembers when it went and how it ended
--- (`-<ms>:<status>`). `group`, a client group, forgets it too; other client groups find it gone when they
--- next look (no script scans every group). With `B` (new_removals) a sink item's removal, or a held input
--- item's, is gathered there, to go at flush_removals. Returns how many entries it removes (0 for one
--- gathered already).
+-- high (bool), held (bool: the caller holds it), acked (bool: and acknowledged it already)}. Input: the
+-- workers' group forgets it: a held item gives back the sink room its result had (unless `room_used`: its
+-- result is written), an item no worker held was waiting. Sink: its room and bytes are freed, and its
+-- request id remembers when it went and how it ended (`-<ms>:<status>`). `group`, a client group, forgets it
+-- too; other client groups find it gone when they next look (no script scans every group). With `B`
+-- (new_removals) a sink item's removal, or a held input item's, is gathered there, to go at flush_removals.
+-- Returns how many entries it removes (0 for one gathered already).
 local function remove_item(Q, id, f, group, now_ms, room_used, B)
   local client_group = nil
   if group ~= nil and group ~= '' and group ~= WORKER_GROUP then client_group = group end

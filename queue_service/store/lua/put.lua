@@ -1,6 +1,7 @@
 -- Put one item: the bound check and the write in one atomic step, so concurrent putters never overshoot.
 -- Input: at most `max_items` waiting (put, not taken by a worker); a sync request (reply channel set) is
--- refused at once when no worker is live (looked at only when `now_s` is given: the API looks once a second). Sink: at most `max_items` results and `max_bytes` of data.
+-- refused at once when no worker is live (looked at only when `now_s` is given: the API looks once a
+-- second). Sink: at most `max_items` results and `max_bytes` of data.
 -- An Idempotency-Key seen within its lifetime answers the first put's index and request id, storing nothing.
 -- A request with a TTL carries its deadline (`exp`, Redis's clock) and is listed in the deadlines set.
 -- A queue whose stream has ended (eos.lua) takes no more puts.
@@ -8,8 +9,9 @@
 --       deadlines, idempotency (the key's; any key of the service when there is none), end (the queue's
 --       end-of-stream marker), bell (the workers' bell, rung for an input item; any key for the sink)
 -- ARGV: kind (input|sink), data, tags_json, rid, ts_ms, priority (1|0), max_items (0: none),
---       max_bytes (0: none), reply_channel (''), now_s ('': no look at the live workers), path (''), content_type (''), ttl_ms (0: none),
---       hooks ('' or the webhook targets' JSON), idempotent (1|0), idempotency_ttl_s
+--       max_bytes (0: none), reply_channel (''), now_s ('': no look at the live workers), path (''),
+--       content_type (''), ttl_ms (0: none), hooks ('' or the webhook targets' JSON), idempotent (1|0),
+--       idempotency_ttl_s
 -- Returns the index, or {'full', 'items'|'bytes'}, or {'no-worker'}, or {'same', '<index>:<rid>'}, or
 -- {'ended', last index before the end}.
 local kind, data, rid, priority = ARGV[1], ARGV[2], ARGV[4], ARGV[6] == '1'

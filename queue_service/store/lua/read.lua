@@ -6,7 +6,8 @@
 -- KEYS: high, normal, ids, seq, reserved
 -- ARGV: start, length, rid ('': by index), reserve (1|0), tag_filter_json (''), max_bytes, now_ms,
 --       reserve_ms, token
--- Returns, packed (lib.lua), {last index given out, {{id, fields}...}, found_removed (1 when the request id's result was removed)}.
+-- Returns, packed (lib.lua), {last index given out, {{id, fields}...}, found_removed (1 when the request id's
+-- result was removed)}.
 local length, rid, reserve = tonumber(ARGV[2]), ARGV[3], ARGV[4] == '1'
 local max_bytes, now_ms = tonumber(ARGV[6]), tonumber(ARGV[7])
 local filter = nil

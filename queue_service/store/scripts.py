@@ -428,8 +428,10 @@ def finish_part(
     an empty body and status 200 writes nothing (users who deliver results elsewhere do this). `held=False`
     publishes for an item that is gone already: the terminal answer of a cancelled request. `fresh`: the caller
     took the held item less than half a lease ago, so no other worker can hold it, and the script's holder
-    check is its acknowledgement (one command less). The request's `completed` webhooks are enqueued in the
-    same step, with the result in them up to `inline_bytes`.
+    check is its acknowledgement (one command less). (A host that slept past the lease, which the monotonic
+    clock does not count, breaks that premise; then two workers' results race and the first one stored
+    stands, as after any lapsed lease.) The request's `completed` webhooks are enqueued in the same step,
+    with the result in them up to `inline_bytes`.
     """
     qi, qs = keys.input_queue(item.service), keys.sink_queue(item.service)
     hooks = keys.webhooks(item.service)

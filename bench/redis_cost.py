@@ -86,8 +86,7 @@ def background(client: redis.Redis, seconds: float) -> Cost:
 def round_trip(client: redis.Redis, n: int = 2000) -> float:
     """Redis CPU (µs) of one bare round trip: a PING from one client that waits for each answer. What any
     command costs Redis here before it does anything (reading, writing, waking the client), on this machine."""
-    before = float(client.info("cpu")["used_cpu_user"]) + float(client.info("cpu")["used_cpu_sys"])
+    before = snapshot(client)
     for _ in range(n):
         client.ping()
-    cpu = client.info("cpu")
-    return (float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]) - before) / n * 1e6
+    return (snapshot(client).cpu - before.cpu) / n * 1e6

@@ -320,6 +320,7 @@ def put(
             raise QueueFull(f"queue {qk.service}/{qk.queue} is full ({bound})")
         return PutResult(max(0, int(raw)), request_id)
 
+    look_for_workers = bool(reply_channel) and check_live
     return Call(
         "put",
         [
@@ -327,7 +328,7 @@ def put(
             qk.seq,
             qk.ids,
             qk.counts,
-            keys.live_workers(qk.service) if reply_channel and check_live else qk.seq,
+            keys.live_workers(qk.service) if look_for_workers else qk.seq,
             keys.deadlines(qk.service),
             keys.idempotency(qk.service, idempotency_digest) if idempotency_digest else qk.seq,
             qk.end,
@@ -343,7 +344,7 @@ def put(
             max_items,
             max_bytes,
             reply_channel,
-            now_ms / 1000 if reply_channel and check_live else "",
+            now_ms / 1000 if look_for_workers else "",
             path,
             content_type,
             ttl_ms,

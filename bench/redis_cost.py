@@ -13,7 +13,9 @@ over an idle window first and subtracted at that rate.
 
 from __future__ import annotations
 
+import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 
@@ -90,3 +92,68 @@ def round_trip(client: redis.Redis, n: int = 2000) -> float:
     for _ in range(n):
         client.ping()
     return (snapshot(client).cpu - before.cpu) / n * 1e6
+
+
+def sync_floor(url: str, n: int = 2000) -> float:
+    """Redis CPU (µs) of the least a sync request over Redis streams can ask of Redis: the client's XADD to an
+    input stream; a worker blocked in XREADGROUP, which answers with an XADD to a reply stream and an XACK
+    pipelined with its next blocking read; a reader blocked in XREAD on the reply stream, as the API's is. Raw
+    commands, no Lua: no bound, no idempotency, no live-worker look, no counters. 3 round trips per request
+    (the client's, the worker's, the reader's next XREAD). Below this no design of the sync path goes on
+    this machine."""
+    prefix = f"qs-bench-floor:{{{uuid.uuid4().hex}}}"
+    inbox, replies, group = f"{prefix}:in", f"{prefix}:replies", "floor"
+    client = redis.Redis.from_url(url)
+    client.xgroup_create(inbox, group, id="0", mkstream=True)
+    stop = threading.Event()
+    answered: set[bytes] = set()
+    heard = threading.Condition()
+
+    def worker() -> None:
+        conn = redis.Redis.from_url(url)
+        done: tuple[bytes, bytes] | None = None
+        while not stop.is_set():
+            with conn.pipeline(transaction=False) as pipe:
+                if done is not None:
+                    pipe.xadd(replies, {"rid": done[1], "body": b"x" * 32}, maxlen=1000)
+                    pipe.xack(inbox, group, done[0])
+                pipe.xreadgroup(group, "w", {inbox: ">"}, count=1, block=200)
+                got = pipe.execute()[-1]
+            done = None
+            if got:
+                entry_id, fields = got[0][1][0]
+                done = (entry_id, fields[b"rid"])
+
+    def reader() -> None:
+        conn, cursor = redis.Redis.from_url(url), "0-0"
+        while not stop.is_set():
+            for _, entries in conn.xread({replies: cursor}, count=64, block=200) or []:
+                for entry_id, fields in entries:
+                    cursor = entry_id
+                    with heard:
+                        answered.add(fields[b"rid"])
+                        heard.notify_all()
+
+    def request(rid: bytes) -> None:
+        client.xadd(inbox, {"rid": rid, "body": b"y" * 32})
+        with heard:
+            if not heard.wait_for(lambda: rid in answered, timeout=30):
+                raise RuntimeError("the floor's worker did not answer")
+            answered.discard(rid)
+
+    threads = [threading.Thread(target=worker, daemon=True), threading.Thread(target=reader, daemon=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        for i in range(50):  # warm up
+            request(b"w%d" % i)
+        before = snapshot(client)
+        for i in range(n):
+            request(b"r%d" % i)
+        after = snapshot(client)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        client.delete(inbox, replies)
+    return (after.cpu - before.cpu) / n * 1e6

@@ -464,6 +464,16 @@ class Bench:
             redis_cost.round_trip(self.redis),
             "lower",
         )
+        # And the floor under any sync path over streams here: the same request in raw commands, no Lua.
+        self.report.add(
+            "5",
+            "sync, 1 client: Redis CPU",
+            "µs/request",
+            sync["redis_cpu_us"],
+            "raw streams, no Lua (the floor)",
+            redis_cost.sync_floor(self.url, n),
+            "lower",
+        )
 
     def _cost_rows(self, label: str, ours: redis_cost.Cost, plain: redis_cost.Cost, n: int) -> None:
         o, p = ours.per(n), plain.per(n)

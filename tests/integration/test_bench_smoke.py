@@ -33,6 +33,7 @@ def test_bench_smoke_prints_the_table() -> None:
         "puts (one API process)",
         "450 answers",
         "round trips",
+        "raw streams, no Lua (the floor)",
     ):
         assert what in out, f"no {what!r} row in:\n{out[-3000:]}"
 

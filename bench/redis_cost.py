@@ -17,7 +17,9 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -94,66 +96,152 @@ def round_trip(client: redis.Redis, n: int = 2000) -> float:
     return (snapshot(client).cpu - before.cpu) / n * 1e6
 
 
-def sync_floor(url: str, n: int = 2000) -> float:
+class _Floor:
+    """The threads and keys of a floor measurement: raw stream commands, on keys of its own, deleted after."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        prefix = f"qs-bench-floor:{{{uuid.uuid4().hex}}}"
+        self.inbox, self.out, self.group = f"{prefix}:in", f"{prefix}:out", "floor"
+        self.client = redis.Redis.from_url(url)
+        self.client.xgroup_create(self.inbox, self.group, id="0", mkstream=True)
+        self.stop = threading.Event()
+        self.heard = threading.Condition()
+        self.threads: list[threading.Thread] = []
+
+    def run(self, *loops: Callable[[redis.Redis], None]) -> None:
+        for loop in loops:
+            conn = redis.Redis.from_url(self.url)
+            self.threads.append(threading.Thread(target=loop, args=(conn,), daemon=True))
+            self.threads[-1].start()
+
+    def worker(self, conn: redis.Redis, answer: Callable[[Any, list[tuple[bytes, dict]]], None], count: int) -> None:
+        """Read up to `count` items in the group; answer them and acknowledge them pipelined with the next read."""
+        done: list[tuple[bytes, dict]] = []
+        while not self.stop.is_set():
+            with conn.pipeline(transaction=False) as pipe:
+                if done:
+                    answer(pipe, done)
+                    pipe.xack(self.inbox, self.group, *[entry_id for entry_id, _ in done])
+                    pipe.xdel(self.inbox, *[entry_id for entry_id, _ in done])
+                pipe.xreadgroup(self.group, "w", {self.inbox: ">"}, count=count, block=200)
+                got = pipe.execute()[-1]
+            done = got[0][1] if got else []
+
+    def cost(self, requests: Callable[[], None], n: int) -> float:
+        """Redis CPU (µs) per request of `requests()`, which makes n of them; then everything stops."""
+        try:
+            before = snapshot(self.client)
+            requests()
+            after = snapshot(self.client)
+        finally:
+            self.stop.set()
+            for thread in self.threads:
+                thread.join()
+            self.client.delete(self.inbox, self.out)
+        return (after.cpu - before.cpu) / n * 1e6
+
+
+def sync_floor(url: str, n: int = 2000, *, publish: bool = False) -> float:
     """Redis CPU (µs) of the least a sync request over Redis streams can ask of Redis: the client's XADD to an
     input stream; a worker blocked in XREADGROUP, which answers with an XADD to a reply stream and an XACK
-    pipelined with its next blocking read; a reader blocked in XREAD on the reply stream, as the API's is. Raw
-    commands, no Lua: no bound, no idempotency, no live-worker look, no counters. 3 round trips per request
-    (the client's, the worker's, the reader's next XREAD). Below this no design of the sync path goes on
-    this machine."""
-    prefix = f"qs-bench-floor:{{{uuid.uuid4().hex}}}"
-    inbox, replies, group = f"{prefix}:in", f"{prefix}:replies", "floor"
-    client = redis.Redis.from_url(url)
-    client.xgroup_create(inbox, group, id="0", mkstream=True)
-    stop = threading.Event()
+    pipelined with its next blocking read; a reader blocked in XREAD on the reply stream, as the API's is.
+    `publish`: the answer goes by PUBLISH to a subscribed reader instead, which reads nothing again (2 round
+    trips per request, not 3). Raw commands, no Lua: no bound, no idempotency, no live-worker look, no
+    counters. Below this no design of the sync path goes on this machine."""
+    floor = _Floor(url)
     answered: set[bytes] = set()
-    heard = threading.Condition()
 
-    def worker() -> None:
-        conn = redis.Redis.from_url(url)
-        done: tuple[bytes, bytes] | None = None
-        while not stop.is_set():
-            with conn.pipeline(transaction=False) as pipe:
-                if done is not None:
-                    pipe.xadd(replies, {"rid": done[1], "body": b"x" * 32}, maxlen=1000)
-                    pipe.xack(inbox, group, done[0])
-                pipe.xreadgroup(group, "w", {inbox: ">"}, count=1, block=200)
-                got = pipe.execute()[-1]
-            done = None
-            if got:
-                entry_id, fields = got[0][1][0]
-                done = (entry_id, fields[b"rid"])
+    def answer(pipe: Any, done: list[tuple[bytes, dict]]) -> None:
+        for _, fields in done:
+            if publish:
+                pipe.publish(floor.out, fields[b"rid"])
+            else:
+                pipe.xadd(floor.out, {"rid": fields[b"rid"], "body": b"x" * 32}, maxlen=1000)
 
-    def reader() -> None:
-        conn, cursor = redis.Redis.from_url(url), "0-0"
-        while not stop.is_set():
-            for _, entries in conn.xread({replies: cursor}, count=64, block=200) or []:
-                for entry_id, fields in entries:
-                    cursor = entry_id
-                    with heard:
-                        answered.add(fields[b"rid"])
-                        heard.notify_all()
+    def heard(rid: bytes) -> None:
+        with floor.heard:
+            answered.add(rid)
+            floor.heard.notify_all()
+
+    def reader(conn: redis.Redis) -> None:
+        if publish:
+            subscription = conn.pubsub()
+            subscription.subscribe(floor.out)
+            while not floor.stop.is_set():
+                message = subscription.get_message(timeout=0.2)
+                if message is not None and message["type"] == "message":
+                    heard(message["data"])
+            subscription.close()
+            return
+        cursor: Any = "0-0"
+        while not floor.stop.is_set():
+            for _, entries in conn.xread({floor.out: cursor}, count=64, block=200) or []:
+                cursor = entries[-1][0]
+                for _, fields in entries:
+                    heard(fields[b"rid"])
 
     def request(rid: bytes) -> None:
-        client.xadd(inbox, {"rid": rid, "body": b"y" * 32})
-        with heard:
-            if not heard.wait_for(lambda: rid in answered, timeout=30):
+        floor.client.xadd(floor.inbox, {"rid": rid, "body": b"y" * 32})
+        with floor.heard:
+            if not floor.heard.wait_for(lambda: rid in answered, timeout=30):
                 raise RuntimeError("the floor's worker did not answer")
             answered.discard(rid)
 
-    threads = [threading.Thread(target=worker, daemon=True), threading.Thread(target=reader, daemon=True)]
-    for thread in threads:
-        thread.start()
-    try:
-        for i in range(50):  # warm up
-            request(b"w%d" % i)
-        before = snapshot(client)
+    floor.run(lambda conn: floor.worker(conn, answer, 1), reader)
+    time.sleep(0.2)  # the subscription is made
+    for i in range(50):  # warm up
+        request(b"w%d" % i)
+
+    def requests() -> None:
         for i in range(n):
             request(b"r%d" % i)
-        after = snapshot(client)
-    finally:
-        stop.set()
-        for thread in threads:
+
+    return floor.cost(requests, n)
+
+
+def async_floor(url: str, n: int = 5000, connections: int = 16) -> float:
+    """Redis CPU (µs) of the least an async request over Redis streams can ask of Redis, under load: clients
+    on `connections` connections XADD to an input stream; a worker reads up to 16 items at once in its group
+    and answers them with an XADD each to a sink stream, acknowledging and deleting them pipelined with its
+    next read; a watcher reads the sink (XREAD) and deletes what it read. Raw commands, no Lua."""
+    floor = _Floor(url)
+    seen = [0]
+
+    def answer(pipe: Any, done: list[tuple[bytes, dict]]) -> None:
+        for _, fields in done:
+            pipe.xadd(floor.out, {"rid": fields[b"rid"], "data": fields[b"body"]})
+
+    def watcher(conn: redis.Redis) -> None:
+        cursor: Any = "0-0"
+        while not floor.stop.is_set():
+            for _, entries in conn.xread({floor.out: cursor}, count=64, block=200) or []:
+                cursor = entries[-1][0]
+                conn.xdel(floor.out, *[entry_id for entry_id, _ in entries])
+                with floor.heard:
+                    seen[0] += len(entries)
+                    floor.heard.notify_all()
+
+    def requests() -> None:
+        left, lock = [n], threading.Lock()
+
+        def put() -> None:
+            conn = redis.Redis.from_url(url)
+            while True:
+                with lock:
+                    if left[0] <= 0:
+                        return
+                    left[0] -= 1
+                conn.xadd(floor.inbox, {"rid": "r", "body": b"y" * 32})
+
+        putters = [threading.Thread(target=put) for _ in range(connections)]
+        for thread in putters:
+            thread.start()
+        for thread in putters:
             thread.join()
-        client.delete(inbox, replies)
-    return (after.cpu - before.cpu) / n * 1e6
+        with floor.heard:
+            if not floor.heard.wait_for(lambda: seen[0] >= n, timeout=60):
+                raise RuntimeError("the floor's worker did not answer every request")
+
+    floor.run(lambda conn: floor.worker(conn, answer, 16), watcher)
+    return floor.cost(requests, n)

@@ -430,6 +430,16 @@ class Bench:
         costs = self.results(1, cost=True)
         assert costs is not None
         self._cost_rows("async: put + watch (batch)", *costs, self.plan.results)
+        # The floors: the same requests in raw stream commands, no Lua, on this machine (redis_cost.*_floor).
+        self.report.add(
+            "5",
+            "async: put + watch (batch): Redis CPU",
+            "µs/request",
+            costs[0].per(self.plan.results)["redis_cpu_us"],
+            "raw streams, no Lua (the floor)",
+            redis_cost.async_floor(self.url, self.plan.results, self.plan.load_connections),
+            "lower",
+        )
         n = self.plan.cost_requests
         self.sync_latency(1, 20, 1, quiet=True)  # warm up
 
@@ -464,16 +474,16 @@ class Bench:
             redis_cost.round_trip(self.redis),
             "lower",
         )
-        # And the floor under any sync path over streams here: the same request in raw commands, no Lua.
-        self.report.add(
-            "5",
-            "sync, 1 client: Redis CPU",
-            "µs/request",
-            sync["redis_cpu_us"],
-            "raw streams, no Lua (the floor)",
-            redis_cost.sync_floor(self.url, n),
-            "lower",
-        )
+        for baseline, publish in (("raw streams, no Lua (the floor)", False), ("raw, answer by PUBLISH", True)):
+            self.report.add(
+                "5",
+                "sync, 1 client: Redis CPU",
+                "µs/request",
+                sync["redis_cpu_us"],
+                baseline,
+                redis_cost.sync_floor(self.url, n, publish=publish),
+                "lower",
+            )
 
     def _cost_rows(self, label: str, ours: redis_cost.Cost, plain: redis_cost.Cost, n: int) -> None:
         o, p = ours.per(n), plain.per(n)

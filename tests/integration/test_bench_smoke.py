@@ -34,6 +34,7 @@ def test_bench_smoke_prints_the_table() -> None:
         "450 answers",
         "round trips",
         "raw streams, no Lua (the floor)",
+        "raw, answer by PUBLISH",
     ):
         assert what in out, f"no {what!r} row in:\n{out[-3000:]}"
 

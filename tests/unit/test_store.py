@@ -1015,6 +1015,35 @@ async def test_removing_priority_and_held_items_keeps_the_counters_true(
     assert_counts_true(client)
 
 
+def xranges(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_xrange", {}).get("calls", 0))
+
+
+async def test_a_commit_of_a_run_of_indexes_reads_them_in_one_xrange_and_removes_only_those_named(
+    store: QueueStore, worker: WorkerStore, client: redis.Redis
+) -> None:
+    await put_many(store, 10)
+    await store.put(IN, b"urgent", {}, max_items=100, priority=True)  # 11, in the priority stream
+    take_one(worker)  # 11 (priority first): held
+    before = xranges(client)
+
+    # 5 named twice, 11 in the other stream, 12 never put; 1, 6 and 7 stay.
+    assert await store.remove(IN, [2, 3, 4, 5, 5, 8, 9, 10, 11, 12]) == 8
+
+    assert xranges(client) - before == 4  # the run; then 11, 12 and the second 5 looked for in the priority stream
+    assert await indexes_in(store) == [1, 6, 7]
+    assert_counts_true(client)
+
+
+async def test_a_commit_of_scattered_indexes_still_removes_each(store: QueueStore, client: redis.Redis) -> None:
+    await put_many(store, 40)
+
+    assert await store.remove(IN, [1, 20, 40, 39]) == 4  # spread wider than 4 per index: read one by one
+    assert len(await indexes_in(store)) == 36
+    assert 1 not in await indexes_in(store) and 20 not in await indexes_in(store)
+    assert_counts_true(client)
+
+
 async def test_withdraw_removes_a_waiting_item_but_never_a_taken_one(
     store: QueueStore, worker: WorkerStore, client: redis.Redis
 ) -> None:

@@ -41,6 +41,35 @@ if mode == 'below' then
   return {removed, more}
 end
 
+-- A dense run of indexes (a commit of a watch window nearly always is one) reads the normal stream's part of
+-- it with one XRANGE, not one per index; keyed by number, as XRANGE reads the ids it is given.
+local normal = nil
+if #ARGV - 5 >= 4 then
+  local lo, hi = nil, nil
+  for j = 6, #ARGV do
+    local v = tonumber(ARGV[j])
+    if v then lo, hi = math.min(lo or v, v), math.max(hi or v, v) end
+  end
+  if lo and hi - lo < 4 * (#ARGV - 5) then
+    normal = {}
+    for _, e in ipairs(redis.call('XRANGE', KEYS[2], sid(lo), sid(hi))) do
+      normal[tonumber(string.match(e[1], '^(%d+)'))] = e[2]
+    end
+  end
+end
+
+-- An entry read from the run is used once: an index named twice is not there the second time, as an XRANGE
+-- after the first one's XDEL would find.
+local function entry_of(i, index, id)
+  if i == 2 and normal then
+    local flat = normal[tonumber(index)]
+    if flat == nil then return nil end
+    normal[tonumber(index)] = nil
+    return fields_of(flat)
+  end
+  return entry(KEYS[i], id)
+end
+
 for j = 6, #ARGV do
   local index = ARGV[j]
   if mode == 'release' or mode == 'reserved' then
@@ -52,7 +81,7 @@ for j = 6, #ARGV do
     local id = sid(index)
     -- The normal stream first (nearly every item is there); an index lives in one stream only.
     for _, i in ipairs({2, 1}) do
-      local f = entry(KEYS[i], id)
+      local f = entry_of(i, index, id)
       if f then
         local held = (mode == 'waiting' or mode == 'cancel') and owner_of(KEYS[i], WORKER_GROUP, id)
         if not (mode == 'waiting' and held) then

@@ -64,6 +64,7 @@ local function read_new(s, count)
 end
 
 local fresh, fresh_high, fresh_async = 0, 0, 0
+local read = {}  -- the fields of the items read new, by their place in `taken`
 for i = 1, 2 do
   local pool = waiting - waiting_high
   if i == 1 then pool = waiting_high end
@@ -72,6 +73,7 @@ for i = 1, 2 do
     for _, e in ipairs(read_new(KEYS[i], count)) do
       local f = fields_of(e[2])
       taken[#taken + 1] = {KEYS[i], e[1], e[2], 1, ending(f, 0)}
+      read[#taken] = f
       fresh = fresh + 1
       if i == 1 then fresh_high = fresh_high + 1 end
       if not f['reply'] then fresh_async = fresh_async + 1 end
@@ -83,9 +85,9 @@ if fresh_high > 0 then redis.call('HINCRBY', KEYS[3], 'waiting_high', -fresh_hig
 if fresh_async > 0 then redis.call('HINCRBY', KEYS[3], 'sink_used', fresh_async) end
 
 local H = {stream = KEYS[5], requests = KEYS[6]}
-for _, t in ipairs(taken) do
+for n, t in ipairs(taken) do
   if t[5] == 0 then
-    local f = fields_of(t[3])
+    local f = read[n] or fields_of(t[3])
     if f['hooks'] then
       now = now or redis_now_ms()
       enqueue_hooks(H, f['hooks'], 'start', f['rid'] or '', ms(now),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ NAMES = (
     "count",
     "chunks",
 )
+_LUA_FUNCTION = re.compile(r"local function (\w+)\(")
 # How many replies one API process's reply stream keeps (it reads them as they come).
 REPLY_STREAM_MAXLEN = 10_000
 # Most items counted ahead of one in a search or a status (the scan is inside Redis).
@@ -95,7 +97,31 @@ DEAD_LETTERS_KEPT = 10_000
 def source(name: str) -> str:
     folder = resources.files("queue_service.store") / "lua"
     header = f"local WORKER_GROUP = '{WORKER_GROUP}'\nlocal WEBHOOK_GROUP = '{WEBHOOK_GROUP}'\n"
-    return header + (folder / "lib.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
+    body = (folder / f"{name}.lua").read_text()
+    return header + helpers_for(body, (folder / "lib.lua").read_text()) + "\n" + body
+
+
+def helpers_for(body: str, lib: str) -> str:
+    """The functions of `lib` that `body` names, with those they name in turn, in lib's order (a function
+    is defined before its callers). Every call of a script defines its helpers anew (a script keeps no
+    globals): all of lib.lua cost ~1.6 µs of Redis CPU per call."""
+    functions: dict[str, str] = {}
+    name, lines = "", []
+    for line in lib.splitlines(keepends=True):
+        if not name and (found := _LUA_FUNCTION.match(line)):
+            name = found[1]
+        lines.append(line)
+        if name and line.rstrip() == "end":  # a top-level function ends at an `end` in the first column
+            functions[name], name, lines = "".join(lines), "", []
+    needed: set[str] = set()
+    todo = [body]
+    while todo:
+        text = todo.pop()
+        for helper, code in functions.items():
+            if helper not in needed and re.search(rf"\b{helper}\b", text):
+                needed.add(helper)
+                todo.append(code)
+    return "".join(code for helper, code in functions.items() if helper in needed)
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,3 +55,9 @@ def test_bench_worker_cpu_prints_chains_on_against_off() -> None:
     out = run_bench("bench.worker_cpu", "--items", "300", "--rounds", "1")
     for what in ("QS_WORKER_PREFETCH=true", "QS_WORKER_PREFETCH=false", "worker CPU µs/item", "Redis CPU µs/item"):
         assert what in out, f"no {what!r} in:\n{out[-3000:]}"
+
+
+def test_bench_script_cost_prints_each_scripts_cost_per_item() -> None:
+    out = run_bench("bench.script_cost", "--items", "64", "--rounds", "1")
+    for what in ("medians over 1 rounds of 64 items", "take (4)", "finish (4)", "deliver (16)", "commit (16)"):
+        assert what in out, f"no {what!r} in:\n{out[-3000:]}"

@@ -147,8 +147,9 @@ def sync_floor(url: str, n: int = 2000, *, publish: bool = False) -> float:
     input stream; a worker blocked in XREADGROUP, which answers with an XADD to a reply stream and an XACK
     pipelined with its next blocking read; a reader blocked in XREAD on the reply stream, as the API's is.
     `publish`: the answer goes by PUBLISH to a subscribed reader instead, which reads nothing again (2 round
-    trips per request, not 3). Raw commands, no Lua: no bound, no idempotency, no live-worker look, no
-    counters. Below this no design of the sync path goes on this machine."""
+    trips per request, not 3: a put and a finish, each waking Redis once). Raw commands, no Lua: no bound, no
+    idempotency, no live-worker look, no counters. Below the `publish` floor no design of the sync path goes
+    on this machine."""
     floor = _Floor(url)
     answered: set[bytes] = set()
 

@@ -62,6 +62,8 @@ from workers.watchdog import Watchdog
 EXIT_CONFIG = 78
 # Longest single wait for new work: bounds how late a stop is noticed by an idle worker.
 IDLE_POLL_SECONDS = 1.0
+# How long teardown waits for the command channel's thread to end once it is unsubscribed.
+PUBSUB_STOP_SECONDS = 1.0
 # How often a worker also takes items whose lease lapsed (their holder died); at most a quarter lease.
 CLAIM_INTERVAL_SECONDS = 1.0
 # How soon a worker whose concurrent slots are all taken looks again for work of its other services.
@@ -305,11 +307,24 @@ class QueueWorker(SimpleWorker):
                 self.log.warning("Worker %s: command channel: %s; retrying", self.name, again)
 
     def unsubscribe(self) -> None:
-        # At teardown; a channel whose connection broke (its node gone) has nothing left to unsubscribe.
+        """At teardown. rq unsubscribes, then stops its channel's thread; since redis-py 8.2 that stop waits for
+        the thread, and a thread that read the unsubscribe's answer first waits up to rq's 60 s for a new
+        subscription (seen: a worker whose processor failed to load took a minute to exit). The thread is
+        told to end first, so the answer ends it. A channel whose connection broke (its node gone) has
+        nothing left to unsubscribe."""
+        thread, pubsub = self.pubsub_thread, self.pubsub
+        if thread is None or pubsub is None:
+            return
+        self.log.info("Worker %s: unsubscribing from channel %s", self.name, self.pubsub_channel_name)
         try:
-            super().unsubscribe()
+            _tell_to_end(thread)
+            pubsub.unsubscribe()
+            thread.join(timeout=PUBSUB_STOP_SECONDS)
         except (redis.RedisError, OSError, ValueError) as exc:
             self.log.info("Worker %s: command channel closed (%s)", self.name, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                pubsub.close()
 
     # rq's own bookkeeping must not end the worker while Redis is away, nor cost round trips per item.
     def heartbeat(self, *args: Any, **kwargs: Any) -> None:
@@ -702,6 +717,15 @@ class QueueWorker(SimpleWorker):
         self._waiting[service] = finished.waiting
         if finished.waiting <= 0:
             self._known_empty.add(service)
+
+
+def _tell_to_end(thread: Any) -> None:
+    """Ask redis-py's pubsub thread to end, without waiting for it (8.2's stop waits unless given a timeout;
+    earlier ones take none and never wait)."""
+    try:
+        thread.stop(timeout=0)
+    except TypeError:
+        thread.stop()
 
 
 def _describe(plan: ServicePlan) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import fakeredis
@@ -77,3 +78,46 @@ def test_a_plain_heartbeat_right_after_another_is_skipped(worker: QueueWorker) -
     assert len(worker.connection.sent) == sent
     worker.heartbeat(timeout=60)  # an explicit timeout always goes out
     assert len(worker.connection.sent) > sent
+
+
+class ChannelThreadThatWaitsOnStop:
+    """redis-py 8.2's pubsub thread once it has read the unsubscribe's answer: a `stop()` without a timeout
+    waits for it to end, and it waits for a subscription that never comes (rq's sleep_time: 60 s)."""
+
+    def __init__(self) -> None:
+        self.never = threading.Event()
+        self.joins: list[float | None] = []
+
+    def stop(self, timeout: float | None = None) -> None:
+        if timeout is None:
+            self.never.wait()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.joins.append(timeout)
+
+    def is_alive(self) -> bool:
+        return True
+
+
+class Channel:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def unsubscribe(self) -> None:
+        self.calls.append("unsubscribe")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+def test_teardown_does_not_wait_on_a_command_channel_thread_that_would_not_end(worker: QueueWorker) -> None:
+    thread, channel = ChannelThreadThatWaitsOnStop(), Channel()
+    worker.pubsub_thread, worker.pubsub = thread, channel  # type: ignore[assignment]
+
+    unsubscribing = threading.Thread(target=worker.unsubscribe, daemon=True)
+    unsubscribing.start()
+    unsubscribing.join(timeout=30)
+
+    assert not unsubscribing.is_alive(), "unsubscribe waited on the channel's thread"
+    assert channel.calls == ["unsubscribe", "close"]
+    assert thread.joins and all(timeout is not None for timeout in thread.joins)  # a bounded wait only

@@ -44,13 +44,14 @@ end
 -- A dense run of indexes (a commit of a watch window nearly always is one) reads the normal stream's part of
 -- it with one XRANGE, not one per index; keyed by number, as XRANGE reads the ids it is given.
 local normal = nil
-if #ARGV - 5 >= 4 then
+local named = #ARGV - 5
+if named >= 4 then
   local lo, hi = nil, nil
   for j = 6, #ARGV do
     local v = tonumber(ARGV[j])
     if v then lo, hi = math.min(lo or v, v), math.max(hi or v, v) end
   end
-  if lo and hi - lo < 4 * (#ARGV - 5) then
+  if lo and hi - lo < 4 * named then
     normal = {}
     for _, e in ipairs(redis.call('XRANGE', KEYS[2], sid(lo), sid(hi))) do
       normal[tonumber(string.match(e[1], '^(%d+)'))] = e[2]
@@ -62,9 +63,10 @@ end
 -- after the first one's XDEL would find.
 local function entry_of(i, index, id)
   if i == 2 and normal then
-    local flat = normal[tonumber(index)]
+    local n = tonumber(index)
+    local flat = normal[n]
     if flat == nil then return nil end
-    normal[tonumber(index)] = nil
+    normal[n] = nil
     return fields_of(flat)
   end
   return entry(KEYS[i], id)
